@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+
+setup(
+    name="bitdance-diffusers",
+    version="0.1.0",
+    description="BitDance (binary-token autoregressive image generation) as native Hugging Face diffusers pipelines",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.36",
+        "transformers>=4.57",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.34",
+        "pillow>=10.0",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "psutil>=5.9"],
+        "xformers": ["xformers"],
+    },
+    entry_points={"console_scripts": ["bitdance=bitdance_diffusers.cli:main"]},
+)

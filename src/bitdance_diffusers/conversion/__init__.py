@@ -1,0 +1,1 @@
+"""Converters from the original BitDance releases to diffusers folders (CLI scripts live in ``conversion/``)."""

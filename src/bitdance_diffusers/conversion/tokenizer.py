@@ -1,0 +1,88 @@
+"""Original binary-tokenizer release (``<name>_config.json`` + ``<name>.safetensors``) -> `BitDanceTokenizer` folder."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..models.binary_autoencoder import BitDanceTokenizer
+from .common import (
+    DTYPES,
+    ConversionError,
+    ConversionReport,
+    atomic_output_dir,
+    base_parser,
+    load_state_dict_strict,
+    logger,
+    require_file,
+)
+
+
+def tokenizer_config_from_original(ae_config: dict) -> dict:
+    """``VQModel(**ae_config)`` arguments (``ddconfig`` + ``gan_decoder``) -> `BitDanceTokenizer` config."""
+    if "ddconfig" not in ae_config:
+        raise ConversionError(f"Tokenizer config lacks 'ddconfig' (keys: {sorted(ae_config)}); is this an ae_config.json?")
+    dd = ae_config["ddconfig"]
+    if dd.get("double_z", False):
+        raise ConversionError("ddconfig.double_z=True is not a binary tokenizer (BitDance always uses double_z=false).")
+    return {
+        "in_channels": dd.get("in_channels", 3),
+        "out_channels": dd.get("out_ch", 3),
+        "ch": dd["ch"],
+        "ch_mult": tuple(dd["ch_mult"]),
+        "num_res_blocks": dd["num_res_blocks"],
+        "z_channels": dd["z_channels"],
+        "gan_decoder": bool(ae_config.get("gan_decoder", False)),
+    }
+
+
+def default_config_path(weights_path: Path) -> Path:
+    """The json beside the weights: ``<stem>_config.json``, else ``ae_config.json``."""
+    for candidate in (weights_path.with_name(f"{weights_path.stem}_config.json"), weights_path.with_name("ae_config.json")):
+        if candidate.is_file():
+            return candidate
+    raise ConversionError(
+        f"No tokenizer config beside {weights_path} (looked for {weights_path.stem}_config.json and ae_config.json); "
+        "pass --config_path."
+    )
+
+
+def build_tokenizer(
+    ae_config: dict, state_dict: dict, report: ConversionReport, source: str, dtype: torch.dtype | None = None
+) -> BitDanceTokenizer:
+    """Instantiate `BitDanceTokenizer` from an original config and load its (prefix-free) state dict strictly."""
+    with torch.device("meta"):
+        model = BitDanceTokenizer(**tokenizer_config_from_original(ae_config))
+    return load_state_dict_strict(model, state_dict, report, source, dtype=dtype).eval()
+
+
+def load_safetensors(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises several error types for truncated/corrupt files
+        raise ConversionError(f"Cannot read {path}: {error}. The file is corrupt or not a safetensors file.") from error
+
+
+def convert_tokenizer(checkpoint_path, dump_path, config_path=None, dtype: str = "keep", overwrite: bool = False):
+    weights_path = require_file(checkpoint_path, "tokenizer weights")
+    config_path = Path(config_path) if config_path else default_config_path(weights_path)
+    ae_config = json.loads(require_file(config_path, "tokenizer config").read_text())
+    report = ConversionReport()
+    model = build_tokenizer(ae_config, load_safetensors(weights_path), report, weights_path.name, DTYPES[dtype])
+    report.log(weights_path.name)
+    with atomic_output_dir(dump_path, overwrite) as staging:
+        model.save_pretrained(staging)
+    logger.info("Saved BitDanceTokenizer to %s", dump_path)
+    return model
+
+
+def main(argv=None):
+    parser = base_parser("Convert an original BitDance binary tokenizer (config json + safetensors).")
+    parser.add_argument("--config_path", help="Original config json (default: <stem>_config.json or ae_config.json beside the weights).")
+    args = parser.parse_args(argv)
+    convert_tokenizer(args.checkpoint_path, args.dump_path, args.config_path, args.dtype, args.overwrite)
+
+
+if __name__ == "__main__":
+    main()

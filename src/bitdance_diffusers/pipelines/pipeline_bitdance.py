@@ -1,0 +1,363 @@
+"""BitDancePipeline: text-to-image generation by next-block diffusion over binary tokens."""
+
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import replace_example_docstring
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..models.binary_autoencoder import BitDanceTokenizer
+from ..models.diffusion_head import BitDanceDiffusionHead
+from ..models.embeddings import sincos_2d_sequence
+from ..models.projector import BitDanceProjector
+from ..utils.attention_masks import additive_mask, block_causal_allowed
+from ..utils.token_layout import patch_size_for_block, sequence_to_grid
+from .block_sampling import sample_block_tokens
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> import bitdance_diffusers  # registers the BitDance pipelines with diffusers
+        >>> from diffusers import DiffusionPipeline
+
+        >>> pipe = DiffusionPipeline.from_pretrained("path/to/BitDance-14B-64x-diffusers", torch_dtype=torch.bfloat16)
+        >>> pipe.to("cuda")
+        >>> image = pipe("a red fox in the snow", height=1024, width=1024, guidance_scale=7.5).images[0]
+        ```
+"""
+
+# [height, width] pairs the original release accepts (its IMAGE_SIZE_LIST).
+DEFAULT_IMAGE_SIZES = [
+    [2048, 512], [1920, 512], [1536, 640], [1280, 768], [1152, 896], [1024, 1024],
+    [896, 1152], [768, 1280], [640, 1536], [512, 1920], [512, 2048],
+    [1024, 256], [896, 256], [640, 384], [512, 512], [384, 640], [256, 896], [256, 1024],
+]  # fmt: skip
+
+USER_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+UNCONDITIONAL_PROMPT = "<|im_start|>assistant\n"
+IMAGE_START_TOKEN = "<|vision_start|>"
+
+
+def _cache_argument_name(model: torch.nn.Module) -> str:
+    """transformers >= 5.24 calls the cache argument ``cache``; earlier versions ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+class BitDancePipeline(DiffusionPipeline):
+    r"""
+    Text-to-image with BitDance: a Qwen3 language model reads the prompt and then, block by block, the image's binary
+    tokens in patch-raster order; a diffusion head samples the ``P`` tokens of each block jointly from the model's
+    hidden states; the binary autoencoder decodes the token grid.
+
+    Args:
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): text tokenizer with the ``<|res_k|>`` and
+            ``<|query_k|>`` tokens.
+        language_model ([`~transformers.Qwen3Model`]): the autoregressive backbone.
+        projector ([`BitDanceProjector`]): embeds ±1 tokens into the language model.
+        diffusion_head ([`BitDanceDiffusionHead`]): samples a block of tokens.
+        vae ([`BitDanceTokenizer`]): binary autoencoder.
+        scheduler ([`BinaryFlowScheduler`] or any diffusers flow scheduler): integrates the head's flow.
+        block_size (`int`): tokens per autoregressive step ``P`` (16 or 64).
+        image_sizes (`list[list[int]]`): supported ``[height, width]`` pairs.
+    """
+
+    model_cpu_offload_seq = "language_model->projector->vae"
+    # The head runs num_inference_steps + 1 times per block: keep it on the accelerator instead of shuttling it.
+    _exclude_from_cpu_offload = ["diffusion_head"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        language_model: PreTrainedModel,
+        projector: BitDanceProjector,
+        diffusion_head: BitDanceDiffusionHead,
+        vae: BitDanceTokenizer,
+        scheduler,
+        block_size: int = 64,
+        image_sizes: list | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer,
+            language_model=language_model,
+            projector=projector,
+            diffusion_head=diffusion_head,
+            vae=vae,
+            scheduler=scheduler,
+        )
+        patch_size_for_block(block_size)
+        image_sizes = [list(size) for size in (image_sizes or DEFAULT_IMAGE_SIZES)]
+        self.register_to_config(block_size=block_size, image_sizes=image_sizes)
+        self.vae_scale_factor = vae.downsample_factor if vae is not None else 16
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._special_token_ids = None
+
+    # Properties read by callbacks and tests ----------------------------------------------------------------------
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def attention_kwargs(self):
+        return self._attention_kwargs
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # Prompt ----------------------------------------------------------------------------------------------------
+
+    def special_token_ids(self) -> dict:
+        """Ids of the image-start, resolution and query tokens, looked up by name in the tokenizer."""
+        if self._special_token_ids is None:
+            vocab = self.tokenizer.get_vocab()
+            block_size = self.config.block_size
+            names = [IMAGE_START_TOKEN] + [f"<|query_{k}|>" for k in range(1, block_size)]
+            missing = [name for name in names if name not in vocab]
+            missing += [f"<|res_{k}|>" for k in (1, 256) if f"<|res_{k}|>" not in vocab]
+            if missing:
+                raise ValueError(
+                    f"The tokenizer lacks BitDance's special tokens {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
+                    f"a block size of {block_size} needs {IMAGE_START_TOKEN}, <|res_1|>..<|res_256|> and "
+                    f"<|query_1|>..<|query_{block_size - 1}|>. Load the tokenizer that ships with the checkpoint."
+                )
+            self._special_token_ids = {
+                "image_start": vocab[IMAGE_START_TOKEN],
+                "queries": [vocab[f"<|query_{k}|>"] for k in range(1, block_size)],
+            }
+        return self._special_token_ids
+
+    def image_prefix_ids(self, height: int, width: int) -> list[int]:
+        """``[<|vision_start|>, <|res_{H/16}|>, <|res_{W/16}|>, <|query_1|> .. <|query_{P-1}|>]`` (height first)."""
+        ids = self.special_token_ids()
+        resolution = [self.tokenizer.convert_tokens_to_ids(f"<|res_{size // 16}|>") for size in (height, width)]
+        return [ids["image_start"], *resolution, *ids["queries"]]
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None,
+        do_classifier_free_guidance: bool,
+        num_images_per_prompt: int = 1,
+    ) -> list[list[int]]:
+        """Token ids of every language-model row: conditional rows then (with CFG) unconditional rows.
+
+        Conditional text is ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``; the default
+        unconditional text is ``<|im_start|>assistant\\n`` (the user turn removed, as in training's text dropout).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts = [USER_TEMPLATE.format(p) for p in prompts for _ in range(num_images_per_prompt)]
+        if do_classifier_free_guidance:
+            if negative_prompt is None:
+                negatives = [UNCONDITIONAL_PROMPT] * len(prompts)
+            else:
+                negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+                negatives = [USER_TEMPLATE.format(n) for n in negatives]
+            texts += [n for n in negatives for _ in range(num_images_per_prompt)]
+        return [self.tokenizer.encode(text) for text in texts]
+
+    def check_inputs(self, prompt, negative_prompt, height, width, generator, num_images_per_prompt, callback_inputs):
+        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        if isinstance(prompt, list) and len(prompt) == 0:
+            raise ValueError("`prompt` is an empty list; pass at least one prompt.")
+        num_prompts = 1 if isinstance(prompt, str) else len(prompt)
+        if isinstance(negative_prompt, list) and len(negative_prompt) != num_prompts:
+            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {num_prompts} prompts.")
+        if [height, width] not in self.config.image_sizes:
+            sizes = ", ".join(f"{h}x{w}" for h, w in self.config.image_sizes)
+            raise ValueError(f"Size {height}x{width} (height x width) is not supported by this model; choose one of: {sizes}.")
+        num_images = num_prompts * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"Got a list of {len(generator)} generators for {num_images} images ({num_prompts} prompts x "
+                f"{num_images_per_prompt} per prompt); pass one generator, or exactly one per image."
+            )
+        if callback_inputs is not None and not all(k in self._callback_tensor_inputs for k in callback_inputs):
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}.")
+
+    # Language model ------------------------------------------------------------------------------------------
+
+    def _language_model_step(self, cache, position_ids, attention_mask, input_ids=None, inputs_embeds=None):
+        """One cached forward; returns the last ``P`` hidden states ``[R, P, D]``."""
+        output = self.language_model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self._cache_argument: cache},
+        )
+        return output.last_hidden_state[:, -self.config.block_size :]
+
+    def prefill(self, row_ids: list[list[int]], prefix_ids: list[int], device: torch.device):
+        """Run every row's prompt + image prefix as one left-padded batch.
+
+        The prompt part is causal; the ``P`` positions ``[<|res_w|>, <|query_1..P-1|>]`` form the first bidirectional
+        block, whose outputs condition image block 0.
+
+        Returns:
+            ``(hidden [R, P, D], cache, key_padding [R, L] bool, lengths [R])``.
+        """
+        block_size = self.config.block_size
+        sequences = [ids + prefix_ids for ids in row_ids]
+        lengths = torch.tensor([len(s) for s in sequences], device=device)
+        max_length = int(lengths.max())
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad_id] * (max_length - len(s)) + s for s in sequences], device=device)
+        key_padding = torch.arange(max_length, device=device)[None] < (max_length - lengths)[:, None]
+        position_ids = (torch.arange(max_length, device=device)[None] - (max_length - lengths)[:, None]).clamp_min(0)
+        allowed = block_causal_allowed(max_length - block_size, 1, block_size, device=device)[None] & ~key_padding[:, None]
+        mask = additive_mask(allowed, self.language_model.dtype).unsqueeze(1)
+        cache = DynamicCache(config=self.language_model.config)
+        hidden = self._language_model_step(cache, position_ids, mask, input_ids=input_ids)
+        return hidden, cache, key_padding, lengths
+
+    # Generation ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        r"""
+        Generate images from text.
+
+        Args:
+            prompt (`str` or `list[str]`): what to draw.
+            negative_prompt (`str` or `list[str]`, *optional*): text of the unconditional branch; by default the
+                original's prompt-free template ``<|im_start|>assistant\n``.
+            height (`int`, *optional*), width (`int`, *optional*): output size; one of ``config.image_sizes``
+                (default 1024x1024 when supported, else the first supported size).
+            num_inference_steps (`int`, defaults to 50): flow steps of the head per block (the default scheduler adds
+                one final deterministic step, as the original).
+            guidance_scale (`float`, defaults to 7.5): classifier-free guidance on the head's velocity; ``<= 1``
+                disables the unconditional branch.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator for the batch (the
+                draws then equal the original's global-RNG draws for the same seed), or one per image.
+            output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the ±1 code grid
+                ``[B, C, h, w]``).
+            return_dict (`bool`, defaults to `True`): return an [`~pipelines.ImagePipelineOutput`].
+            attention_kwargs (`dict`, *optional*): passed to the head's attention processors.
+            callback_on_step_end (`Callable`, *optional*): called after every autoregressive block as
+                ``callback(pipe, block_index, timestep, callback_kwargs)``; may return a replacement ``latents``.
+            callback_on_step_end_tensor_inputs (`list[str]`): tensors given to the callback; ``latents`` is the token
+                sequence ``[B, h*w, C]`` in patch-raster order, filled up to the current block (zeros after it).
+
+        Examples:
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`: the images (or codes for ``output_type="latent"``).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if height is None and width is None:
+            height, width = [1024, 1024] if [1024, 1024] in self.config.image_sizes else self.config.image_sizes[0]
+        height = height or width
+        width = width or height
+        self.check_inputs(
+            prompt, negative_prompt, height, width, generator, num_images_per_prompt, callback_on_step_end_tensor_inputs
+        )
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+        self._cache_argument = _cache_argument_name(self.language_model)
+
+        device = self._execution_device
+        block_size = self.config.block_size
+        num_channels = self.vae.config.z_channels
+        grid_height, grid_width = height // self.vae_scale_factor, width // self.vae_scale_factor
+        num_blocks = grid_height * grid_width // block_size
+        self._num_timesteps = num_blocks
+
+        row_ids = self.encode_prompt(prompt, negative_prompt, self.do_classifier_free_guidance, num_images_per_prompt)
+        num_images = len(row_ids) // (2 if self.do_classifier_free_guidance else 1)
+        hidden, cache, key_padding, lengths = self.prefill(row_ids, self.image_prefix_ids(height, width), device)
+
+        # Fixed 2-D sin-cos position of every image token (float32), added to the head condition and to the
+        # embedding of the same block's tokens when they are fed back.
+        positions = sincos_2d_sequence(grid_height, grid_width, hidden.shape[-1], block_size).to(device)
+        latents = torch.zeros(num_images, grid_height * grid_width, num_channels, device=device)
+        lm_dtype = self.language_model.dtype
+        block_offsets = torch.arange(block_size, device=device)
+
+        with self.progress_bar(total=num_blocks) as progress_bar:
+            for block in range(num_blocks):
+                if self.interrupt:
+                    continue
+                block_slice = slice(block * block_size, (block + 1) * block_size)
+                block_positions = positions[block_slice]
+                condition = hidden.float() + block_positions
+                latents[:, block_slice] = sample_block_tokens(
+                    self.diffusion_head,
+                    self.scheduler,
+                    condition,
+                    num_inference_steps,
+                    guidance_scale,
+                    generator,
+                    num_channels,
+                    attention_kwargs,
+                )
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, block, block, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+
+                # Feed the block back, except after the last one (its outputs would condition nothing).
+                if block + 1 < num_blocks:
+                    embeds = self.projector(latents[:, block_slice]).float() + block_positions
+                    embeds = embeds.to(lm_dtype).repeat(len(row_ids) // num_images, 1, 1)
+                    position_ids = lengths[:, None] + block * block_size + block_offsets
+                    # Every cached real token and the whole new block are visible; left padding is not.
+                    visible = torch.cat([~key_padding, key_padding.new_ones(len(row_ids), (block + 1) * block_size)], 1)
+                    mask = additive_mask(visible[:, None, None, :], lm_dtype)
+                    hidden = self._language_model_step(cache, position_ids, mask, inputs_embeds=embeds)
+                progress_bar.update()
+
+        codes = sequence_to_grid(latents, grid_height, grid_width, block_size)
+        if output_type == "latent":
+            image = codes
+        else:
+            image = self.vae.decode(codes.to(self.vae.dtype), generator=generator).sample
+            image = self.image_processor.postprocess(image.float(), output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)

@@ -1,0 +1,1 @@
+from .scheduling_binary_flow import BinaryFlowScheduler, BinaryFlowSchedulerOutput
