@@ -186,6 +186,12 @@ class BitDancePipeline(DiffusionPipeline):
         if [height, width] not in self.config.image_sizes:
             sizes = ", ".join(f"{h}x{w}" for h, w in self.config.image_sizes)
             raise ValueError(f"Size {height}x{width} (height x width) is not supported by this model; choose one of: {sizes}.")
+        patch = patch_size_for_block(self.config.block_size) * self.vae_scale_factor
+        if height % patch or width % patch:
+            raise ValueError(
+                f"Size {height}x{width} does not split into {patch}x{patch}-pixel blocks of {self.config.block_size} "
+                f"tokens; use a multiple of {patch} for both sides."
+            )
         num_images = num_prompts * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(

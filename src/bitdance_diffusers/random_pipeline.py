@@ -1,0 +1,83 @@
+"""Randomly initialised BitDance text-to-image pipelines built in memory, with no download.
+
+Used by the command line until a trained demo model ships, by the tests and by the benchmarks. The text tokenizer is
+a byte-level BPE without merges (every byte is a token) carrying BitDance's special tokens by name.
+"""
+
+import torch
+from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from .models import BitDanceDiffusionHead, BitDanceProjector, BitDanceTokenizer
+from .pipelines import BitDancePipeline
+from .schedulers import BinaryFlowScheduler
+
+
+# Named sizes: language model, head and autoencoder widths. "small" is a few hundred million parameters for CPU runs.
+RANDOM_CONFIGS = {
+    "tiny": {
+        "language_model": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16),
+        "head": dict(hidden_size=128, num_layers=2, num_ada_ln_layers=2, attention_head_dim=64),
+        "vae": dict(ch=32, ch_mult=(2, 1, 1, 1, 1), num_res_blocks=1),
+    },
+    "small": {
+        "language_model": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
+                               num_key_value_heads=8, head_dim=64),
+        "head": dict(hidden_size=1024, num_layers=6, num_ada_ln_layers=2, attention_head_dim=128),
+        "vae": dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1),
+    },
+}  # fmt: skip
+
+SPECIAL_TOKENS = (
+    ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+    + [f"<|res_{k}|>" for k in range(1, 257)]
+    + [f"<|query_{k}|>" for k in range(1, 64)]
+)
+
+
+def build_byte_tokenizer() -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer whose vocabulary is the 256 bytes plus BitDance's special tokens."""
+    vocab = {char: index for index, char in enumerate(bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    return tokenizer
+
+
+def build_random_pipeline(
+    config: str = "tiny",
+    block_size: int = 16,
+    image_sizes: list | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> BitDancePipeline:
+    """A complete `BitDancePipeline` with random weights of the named size (see ``RANDOM_CONFIGS``)."""
+    if config not in RANDOM_CONFIGS:
+        raise ValueError(f"Unknown random config {config!r}; choose one of {sorted(RANDOM_CONFIGS)}.")
+    sizes = RANDOM_CONFIGS[config]
+    tokenizer = build_byte_tokenizer()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        lm_config = Qwen3Config(
+            vocab_size=len(tokenizer), max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
+            **sizes["language_model"],
+        )  # fmt: skip
+        lm_config._attn_implementation = "sdpa"
+        language_model = Qwen3Model(lm_config).to(dtype).eval()
+        hidden_size = lm_config.hidden_size
+        projector = BitDanceProjector(in_channels=32, hidden_size=hidden_size).to(dtype)
+        head = BitDanceDiffusionHead(in_channels=32, condition_channels=hidden_size, **sizes["head"]).to(dtype)
+        vae = BitDanceTokenizer(z_channels=32, **sizes["vae"]).to(dtype)
+    if image_sizes is None:
+        image_sizes = [[128, 128], [128, 256], [256, 128], [256, 256], [512, 512], [64, 64]]
+    return BitDancePipeline(
+        tokenizer=tokenizer,
+        language_model=language_model,
+        projector=projector.eval(),
+        diffusion_head=head.eval(),
+        vae=vae.eval(),
+        scheduler=BinaryFlowScheduler(),
+        block_size=block_size,
+        image_sizes=image_sizes,
+    )
