@@ -64,14 +64,14 @@ def build_random_pipeline(
             **sizes["language_model"],
         )  # fmt: skip
         lm_config._attn_implementation = "sdpa"
-        language_model = Qwen3Model(lm_config).to(dtype).eval()
+        language_model = Qwen3Model(lm_config).eval()
         hidden_size = lm_config.hidden_size
-        projector = BitDanceProjector(in_channels=32, hidden_size=hidden_size).to(dtype)
-        head = BitDanceDiffusionHead(in_channels=32, condition_channels=hidden_size, **sizes["head"]).to(dtype)
-        vae = BitDanceTokenizer(z_channels=32, **sizes["vae"]).to(dtype)
+        projector = BitDanceProjector(in_channels=32, hidden_size=hidden_size)
+        head = BitDanceDiffusionHead(in_channels=32, condition_channels=hidden_size, **sizes["head"])
+        vae = BitDanceTokenizer(z_channels=32, **sizes["vae"])
     if image_sizes is None:
         image_sizes = [[128, 128], [128, 256], [256, 128], [256, 256], [512, 512], [64, 64]]
-    return BitDancePipeline(
+    pipe = BitDancePipeline(
         tokenizer=tokenizer,
         language_model=language_model,
         projector=projector.eval(),
@@ -81,3 +81,4 @@ def build_random_pipeline(
         block_size=block_size,
         image_sizes=image_sizes,
     )
+    return pipe if dtype == torch.float32 else pipe.to(dtype)

@@ -1,10 +1,10 @@
 """BitDancePipeline: text-to-image generation by next-block diffusion over binary tokens."""
 
 import inspect
+import json
+from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -101,6 +101,24 @@ class BitDancePipeline(DiffusionPipeline):
         self.vae_scale_factor = vae.downsample_factor if vae is not None else 16
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._special_token_ids = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`DiffusionPipeline.from_pretrained`, after checking that a local folder holds every component it lists."""
+        folder = Path(pretrained_model_name_or_path)
+        if (folder / "model_index.json").is_file():
+            index = json.loads((folder / "model_index.json").read_text())
+            missing = [
+                name for name, entry in index.items()
+                if isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
+                and name not in kwargs and not (folder / name).is_dir()
+            ]  # fmt: skip
+            if missing:
+                raise ValueError(
+                    f"{folder} lists the components {missing} in model_index.json but has no such sub-folders; "
+                    "re-run the conversion or pass the missing components to from_pretrained."
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # Properties read by callbacks and tests ----------------------------------------------------------------------
 
