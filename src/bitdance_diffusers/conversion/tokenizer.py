@@ -20,10 +20,12 @@ from .common import (
 
 
 def tokenizer_config_from_original(ae_config: dict) -> dict:
-    """``VQModel(**ae_config)`` arguments (``ddconfig`` + ``gan_decoder``) -> `BitDanceTokenizer` config."""
-    if "ddconfig" not in ae_config:
-        raise ConversionError(f"Tokenizer config lacks 'ddconfig' (keys: {sorted(ae_config)}); is this an ae_config.json?")
-    dd = ae_config["ddconfig"]
+    """``VQModel(**ae_config)`` arguments (``ddconfig`` + ``gan_decoder``, or the same keys flattened) -> config."""
+    # Original releases nest the architecture under "ddconfig"; flattened copies put its keys at the top level.
+    dd = ae_config.get("ddconfig", ae_config)
+    missing = [key for key in ("ch", "ch_mult", "num_res_blocks", "z_channels") if key not in dd]
+    if missing:
+        raise ConversionError(f"Tokenizer config lacks {missing} (keys: {sorted(ae_config)}); is this an ae_config.json?")
     if dd.get("double_z", False):
         raise ConversionError("ddconfig.double_z=True is not a binary tokenizer (BitDance always uses double_z=false).")
     return {
