@@ -23,7 +23,7 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "psutil>=5.9"],
+        "test": ["pytest>=8.0"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["bitdance=bitdance_diffusers.cli:main"]},

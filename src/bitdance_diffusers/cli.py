@@ -1,0 +1,104 @@
+"""The ``bitdance`` command: generate images and convert original checkpoints.
+
+    bitdance generate --prompt "a red fox in the snow" --output fox.png [--model FOLDER]
+    bitdance convert t2i --checkpoint_path BitDance-14B-64x --dump_path BitDance-14B-64x-diffusers
+"""
+
+import argparse
+import logging
+import sys
+
+import torch
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_pipeline(model: str | None, dtype: torch.dtype, device: str):
+    """The pipeline at ``model`` (folder or Hub id), or, without one, a tiny randomly initialised pipeline."""
+    if model is None:
+        from .random_pipeline import build_random_pipeline
+
+        print(
+            "No --model given: running the complete text-to-image path on a tiny randomly initialised BitDance built "
+            "in memory (the picture will be noise-like). Pass --model with a converted checkpoint for real images.",
+            file=sys.stderr,
+        )
+        return build_random_pipeline("tiny", block_size=16, dtype=dtype).to(device)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+
+
+def generate(args):
+    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
+    height = args.height or (256 if args.model is None else None)
+    width = args.width or (256 if args.model is None else None)
+    generator = torch.Generator().manual_seed(args.seed)
+    images = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        height=height,
+        width=width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        num_images_per_prompt=args.num_images,
+        generator=generator,
+    ).images
+    outputs = [args.output] if len(images) == 1 else [args.output.replace(".png", f"_{i}.png") for i in range(len(images))]
+    for image, path in zip(images, outputs):
+        image.save(path)
+        print(f"wrote {path} ({image.width}x{image.height})")
+
+
+def convert(args, rest):
+    if args.kind == "t2i":
+        from .conversion.t2i import main
+    elif args.kind == "tokenizer":
+        from .conversion.tokenizer import main
+    else:
+        from .conversion.imagenet import main
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitdance", description="BitDance binary-token image generation.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="Generate images from a text prompt.")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative_prompt", default=None)
+    gen.add_argument("--model", default=None, help="Converted pipeline folder or Hub id (default: tiny random model).")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=50, help="Head flow steps per block.")
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--num_images", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=42)
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32" if not torch.cuda.is_available() else "bf16")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--output", default="bitdance.png")
+
+    conv = commands.add_parser(
+        "convert",
+        help="Convert an original checkpoint: bitdance convert {t2i,tokenizer,imagenet} --help for each converter.",
+        add_help=False,  # --help after the kind reaches that converter's own parser
+    )
+    conv.add_argument("kind", choices=["t2i", "tokenizer", "imagenet"])
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "convert":
+        convert(args, rest)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    else:
+        generate(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The installed package: cheap import, diffusers registration in a fresh process, the command line."""
+
+import subprocess
+import sys
+import textwrap
+
+from PIL import Image
+
+from conftest import REPO
+
+
+def run_python(code):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True)
+
+
+def test_import_is_lazy_about_models_and_registers_the_pipeline():
+    out = run_python("""
+        import sys
+        import bitdance_diffusers, diffusers
+        assert diffusers.BitDancePipeline is bitdance_diffusers.BitDancePipeline
+        heavy = [m for m in sys.modules if m.startswith(("transformers.models.qwen3", "bitdance_diffusers.random"))]
+        print(heavy)
+    """)
+    assert out.stdout.strip() == "[]"
+
+
+def test_diffusion_pipeline_loads_a_saved_folder_in_a_fresh_process(tmp_path):
+    run_python(f"""
+        from bitdance_diffusers.random_pipeline import build_random_pipeline
+        build_random_pipeline("tiny").save_pretrained({str(tmp_path)!r})
+    """)
+    out = run_python(f"""
+        import bitdance_diffusers
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path)!r})
+        print(type(pipe).__name__, type(pipe.vae).__name__, type(pipe.scheduler).__name__)
+    """)
+    assert out.stdout.split() == ["BitDancePipeline", "BitDanceTokenizer", "BinaryFlowScheduler"]
+
+
+def test_command_line_generates_offline(tmp_path):
+    output = tmp_path / "fox.png"
+    result = subprocess.run(
+        ["bitdance", "generate", "--prompt", "a red fox", "--steps", "2", "--output", str(output)],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert "tiny randomly initialised" in result.stderr
+    assert Image.open(output).size == (256, 256)
+    help_text = subprocess.run(["bitdance", "convert", "tokenizer", "--help"], capture_output=True, text=True).stdout
+    assert "--checkpoint_path" in help_text and "--config_path" in help_text
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    for command in ('pip install torch==2.13.0 && pip install -e ".[test]"', "python -m pytest tests -q"):
+        assert command in readme and command in ci
