@@ -1,0 +1,108 @@
+"""Training objective and metrics of the binary tokenizer (`BitDanceTokenizer`).
+
+Quantisation is the channel-wise sign with a straight-through estimator. The group-wise entropy loss follows the
+original's ImageNet quantiser: the ``C`` channels form groups of ``bits_per_group`` bits; for each group the soft
+assignment over its ``2 ** bits_per_group`` ±1 codewords is ``softmax(2 <h, codeword> / temperature)``; the loss is
+the mean per-token entropy (pushes each token to one code) minus the entropy of the batch-averaged assignment (pushes
+the batch to use every code). A commitment term ``|h - sign(h)|^2`` keeps pre-quantisation values near ±1.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.binary_autoencoder import BitDanceTokenizer
+from ..utils.token_layout import binarize
+
+
+@dataclass
+class TokenizerObjectiveConfig:
+    reconstruction: str = "l1"  # "l1" or "l2"
+    entropy_weight: float = 0.1
+    commitment_weight: float = 0.25
+    bits_per_group: int = 8
+    temperature: float = 0.01
+
+
+def straight_through_sign(latents: torch.Tensor) -> torch.Tensor:
+    """±1 codes in the forward pass, identity gradient in the backward pass."""
+    return latents + (binarize(latents) - latents).detach()
+
+
+def group_codebook(bits: int, device=None) -> torch.Tensor:
+    """``[2 ** bits, bits]`` ±1 codewords; codeword ``k`` has bit ``i`` set (+1) where ``k`` has bit ``i`` set."""
+    index = torch.arange(2**bits, device=device)[:, None]
+    return ((index >> torch.arange(bits, device=device)) & 1).float() * 2 - 1
+
+
+def entropy_loss(latents: torch.Tensor, bits_per_group: int, temperature: float) -> torch.Tensor:
+    """Per-token entropy minus batch entropy of the soft group assignments of ``latents [B, C, h, w]``."""
+    channels = latents.shape[1]
+    if channels % bits_per_group:
+        raise ValueError(f"{channels} code channels do not split into groups of {bits_per_group} bits.")
+    tokens = latents.permute(0, 2, 3, 1).reshape(-1, channels // bits_per_group, bits_per_group).float()
+    logits = 2 * tokens @ group_codebook(bits_per_group, latents.device).T / temperature  # [N, groups, 2**bits]
+    probs = logits.softmax(-1)
+    token_entropy = -(probs * logits.log_softmax(-1)).sum(-1).mean()
+    mean_probs = probs.mean(0)
+    batch_entropy = -(mean_probs * (mean_probs + 1e-5).log()).sum(-1).mean()
+    return token_entropy - batch_entropy
+
+
+def tokenizer_training_loss(
+    vae: BitDanceTokenizer, images: torch.Tensor, config: TokenizerObjectiveConfig = TokenizerObjectiveConfig()
+) -> tuple[torch.Tensor, dict]:
+    """Total loss and its parts for ``images [B, 3, H, W]`` in [-1, 1]."""
+    latents = vae.encoder(images)
+    codes = straight_through_sign(latents)
+    noise = torch.randn_like(codes) if vae.config.gan_decoder else None
+    reconstruction = vae.decoder(codes, noise)
+    if config.reconstruction == "l1":
+        recon_loss = (reconstruction - images).abs().mean()
+    elif config.reconstruction == "l2":
+        recon_loss = (reconstruction - images).pow(2).mean()
+    else:
+        raise ValueError(f"reconstruction must be 'l1' or 'l2', got {config.reconstruction!r}.")
+    ent = entropy_loss(latents, config.bits_per_group, config.temperature)
+    commit = (latents - binarize(latents).detach()).pow(2).mean()
+    total = recon_loss + config.entropy_weight * ent + config.commitment_weight * commit
+    return total, {"reconstruction": recon_loss.detach(), "entropy": ent.detach(), "commitment": commit.detach()}
+
+
+def psnr(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (clamped)."""
+    mse = ((reconstruction.clamp(-1, 1) - images) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def ssim(reconstruction: torch.Tensor, images: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Gaussian window, on [0, 1] intensities averaged over channels)."""
+    x, y = (reconstruction.clamp(-1, 1) + 1) / 2, (images + 1) / 2
+    coords = torch.arange(window, dtype=x.dtype, device=x.device) - window // 2
+    gauss = torch.exp(-coords**2 / (2 * sigma**2))
+    kernel = (gauss[:, None] * gauss[None]) / gauss.sum() ** 2
+    kernel = kernel.expand(x.shape[1], 1, window, window)
+
+    def blur(t):
+        return F.conv2d(t, kernel, groups=x.shape[1])
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    score = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return score.flatten(1).mean(1)
+
+
+def bit_usage(codes: torch.Tensor, bits_per_group: int = 8) -> dict:
+    """How the codes ``[B, C, h, w]`` use the vocabulary: per-bit mean of (+1) and the group-code entropy in bits."""
+    ones = (codes > 0).float()
+    per_bit = ones.mean(dim=(0, 2, 3))
+    groups = ones.permute(0, 2, 3, 1).reshape(-1, codes.shape[1] // bits_per_group, bits_per_group)
+    index = (groups * 2 ** torch.arange(bits_per_group, device=codes.device)).sum(-1).long()
+    entropies = []
+    for group in range(index.shape[1]):
+        counts = torch.bincount(index[:, group], minlength=2**bits_per_group).float()
+        p = counts / counts.sum()
+        entropies.append(-(p[p > 0] * p[p > 0].log2()).sum())
+    return {"per_bit_mean": per_bit, "group_entropy_bits": torch.stack(entropies).mean()}

@@ -1,0 +1,124 @@
+"""Training: the teacher-forced mask equals cached inference, losses decrease, resume is bit-exact, shapes data."""
+
+import pytest
+import torch
+
+from bitdance_diffusers import BitDancePipeline, BitDanceTokenizer
+from bitdance_diffusers.random_pipeline import build_random_pipeline
+from bitdance_diffusers.training import (
+    ShapesDataset,
+    T2IObjectiveConfig,
+    TrainingConfig,
+    bit_usage,
+    psnr,
+    ssim,
+    t2i_training_loss,
+    teacher_forced_conditions,
+    train_text_to_image,
+    train_tokenizer,
+)
+from bitdance_diffusers.utils.token_layout import grid_to_sequence
+
+
+@pytest.mark.parametrize("block_size,height,width", [(1, 64, 64), (4, 64, 128), (16, 128, 256), (64, 256, 256)])
+def test_training_conditions_equal_cached_inference(block_size, height, width):
+    pipe = build_random_pipeline("tiny", block_size=block_size, image_sizes=[[height, width]])
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle", "a much longer prompt about two blue squares at the top"]
+    codes = torch.where(torch.rand(2, 32, height // 16, width // 16) > 0.5, 1.0, -1.0)
+    sequence = grid_to_sequence(codes, block_size)
+
+    inference_conditions = []
+    head_forward = pipe.diffusion_head.forward
+    pipe.diffusion_head.forward = lambda s, t, c, **k: inference_conditions.append(c.clone()) or head_forward(s, t, c, **k)
+
+    def force_tokens(pipe, block, timestep, callback_kwargs):
+        latents = callback_kwargs["latents"]
+        latents[:, block * block_size : (block + 1) * block_size] = sequence[:, block * block_size : (block + 1) * block_size]
+        return {"latents": latents}
+
+    pipe(prompts, height=height, width=width, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+         callback_on_step_end=force_tokens)  # fmt: skip
+    cached = torch.stack(inference_conditions[::2], dim=1)  # first head call of every block
+    with torch.no_grad():
+        teacher_forced = teacher_forced_conditions(pipe, [pipe.encode_prompt(p, None, False)[0] for p in prompts], codes)
+    assert teacher_forced.shape == cached.shape
+    assert (teacher_forced - cached).abs().max() < 1e-5
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    return BitDanceTokenizer(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32)
+
+
+def test_tokenizer_training_reduces_loss_and_resumes_exactly(tmp_path):
+    dataset = ShapesDataset(4, resolution=64, seed=1)
+    config = TrainingConfig(output_dir=str(tmp_path / "a"), max_steps=12, batch_size=4, learning_rate=3e-3,
+                            warmup_steps=1, checkpoint_every=6)  # fmt: skip
+    losses = train_tokenizer(tiny_vae(), dataset, config)
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    reloaded = BitDanceTokenizer.from_pretrained(tmp_path / "a" / "final")
+
+    # Stop after 6 steps, then resume from the checkpoint in a fresh model: same weights as the uninterrupted run.
+    partial = TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b"), "max_steps": 6})
+    train_tokenizer(tiny_vae(), dataset, partial)
+    resumed_config = TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b")})
+    resumed = tiny_vae()
+    resumed_losses = train_tokenizer(resumed, dataset, resumed_config)
+    assert resumed_losses == losses[6:]
+    for (name, a), b in zip(reloaded.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_text_to_image_training_reduces_loss_and_resumes_exactly(tmp_path):
+    dataset = ShapesDataset(2, resolution=64, seed=2)
+    objective = T2IObjectiveConfig()
+    config = TrainingConfig(output_dir=str(tmp_path / "a"), max_steps=16, batch_size=2, learning_rate=2e-3,
+                            warmup_steps=1, checkpoint_every=8)  # fmt: skip
+
+    def fresh():
+        return build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
+
+    def fixed_batch_loss(pipe):
+        """The loss on the (single, fixed) batch with fixed times and noise: the per-step loss is too noisy to compare."""
+        batch = [dataset[0], dataset[1]]
+        with torch.no_grad():
+            codes = pipe.vae.encode(torch.stack([item["pixel_values"] for item in batch])).codes
+            return t2i_training_loss(pipe, [item["caption"] for item in batch], codes, torch.Generator().manual_seed(0),
+                                     T2IObjectiveConfig(bit_flip_max=0.0, text_dropout=0.0)).item()  # fmt: skip
+
+    pipe = fresh()
+    before = fixed_batch_loss(pipe)
+    losses = train_text_to_image(pipe, dataset, config, objective)
+    assert fixed_batch_loss(pipe) < 0.7 * before
+    final = BitDancePipeline.from_pretrained(tmp_path / "a" / "final")
+
+    train_text_to_image(fresh(), dataset, TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b"),
+                                                            "max_steps": 8}), objective)  # fmt: skip
+    resumed = fresh()
+    resumed_losses = train_text_to_image(resumed, dataset, TrainingConfig(**{**config.__dict__,
+                                                                            "output_dir": str(tmp_path / "b")}), objective)  # fmt: skip
+    assert resumed_losses == losses[8:]
+    for name, tensor in final.diffusion_head.state_dict().items():
+        assert torch.equal(tensor, resumed.diffusion_head.state_dict()[name]), name
+
+
+def test_metrics():
+    images = torch.stack([item["pixel_values"] for item in ShapesDataset(2, resolution=32)])
+    assert torch.all(psnr(images, images) > 90) and torch.allclose(ssim(images, images), torch.ones(2))
+    noisy = (images + 0.2 * torch.randn_like(images)).clamp(-1, 1)
+    assert torch.all(psnr(noisy, images) < 25) and torch.all(ssim(noisy, images) < 0.9)
+    codes = torch.where(torch.rand(4, 32, 8, 8) > 0.5, 1.0, -1.0)
+    usage = bit_usage(codes)
+    assert usage["per_bit_mean"].shape == (32,) and 5.0 < usage["group_entropy_bits"] <= 8.0
+    assert bit_usage(torch.ones(1, 32, 4, 4))["group_entropy_bits"] == 0
+
+
+def test_shapes_dataset_is_deterministic_and_captioned():
+    first, again = ShapesDataset(8, resolution=64, seed=3), ShapesDataset(8, resolution=64, seed=3)
+    for index in range(8):
+        assert first[index]["caption"] == again[index]["caption"]
+        assert torch.equal(first[index]["pixel_values"], again[index]["pixel_values"])
+    item = first[0]
+    assert item["pixel_values"].shape == (3, 64, 64) and item["pixel_values"].min() >= -1
+    assert " background" in item["caption"] and item["caption"].startswith("a ")
