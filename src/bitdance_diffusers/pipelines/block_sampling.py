@@ -1,9 +1,13 @@
-"""The per-block head sampling loop shared by every BitDance pipeline.
+"""The block-autoregressive sampling loop shared by every BitDance pipeline.
 
 For one autoregressive block the backbone gives a condition per token; the diffusion head then integrates the binary
 flow for the ``P`` tokens of the block jointly, with classifier-free guidance on the velocity (see
-`bitdance_diffusers.schedulers.scheduling_binary_flow` for the conventions), and the result is binarised.
+`bitdance_diffusers.schedulers.scheduling_binary_flow` for the conventions), and the result is binarised
+(`sample_block_tokens`). The sampled block is fed back to the backbone, whose KV cache then yields the condition of
+the next block (`BlockAutoregressiveMixin.sample_blocks`).
 """
+
+from typing import Callable
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -62,3 +66,85 @@ def sample_block_tokens(
             velocity = velocity_uncond + guidance_scale * (velocity_cond - velocity_uncond)
         sample = scheduler.step(-velocity, timestep, sample, generator=generator, return_dict=False)[0]
     return binarize(sample.float())
+
+
+class BlockAutoregressiveMixin:
+    """The block loop of a BitDance pipeline: sample a block, run callbacks, feed it back, repeat.
+
+    The pipeline provides the backbone through two things: the head condition of the first block, and a function that
+    feeds a sampled block to the backbone (extending its KV cache) and returns the condition of the next block. It
+    must have ``diffusion_head`` and ``scheduler`` components and an ``_interrupt`` flag.
+    """
+
+    def sample_blocks(
+        self,
+        condition: torch.Tensor,
+        feed_block: Callable[[torch.Tensor, int], torch.Tensor],
+        num_images: int,
+        num_blocks: int,
+        num_channels: int,
+        guidance_scales: list[float],
+        num_inference_steps: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        attention_kwargs: dict | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = (),
+    ) -> torch.Tensor:
+        """Sample ``num_blocks`` blocks of tokens.
+
+        Args:
+            condition: ``[R, P, D]`` head condition of block 0. ``R = num_images`` without guidance, else
+                ``2 * num_images`` rows: the conditional branch first, then the unconditional one.
+            feed_block: ``feed_block(tokens [R, P, C], block)`` gives the backbone block ``block`` (one token row
+                per condition row) and returns the ``[R, P, D]`` condition of block ``block + 1``. Not called after
+                the last block.
+            guidance_scales: CFG scale of every block. A block whose scale is ``<= 1`` while ``R = 2 * num_images``
+                is sampled without guidance for all ``R`` rows (noise for ``R`` rows), and each branch is fed its own
+                tokens; with guidance both branches are fed the same tokens.
+            generator: one generator for all draws, or one per image (used for both branches of that image).
+            callback_on_step_end: called after every block as ``callback(pipe, block, block, callback_kwargs)``;
+                ``latents`` (``[num_images, num_blocks * P, C]``, patch-raster order, zeros after the current block)
+                may be replaced through its return value.
+
+        Returns:
+            ``[num_images, num_blocks * P, C]`` float32 ±1 tokens in patch-raster order.
+        """
+        block_size = condition.shape[1]
+        latents = torch.zeros(num_images, num_blocks * block_size, num_channels, device=condition.device)
+        with self.progress_bar(total=num_blocks) as progress_bar:
+            for block in range(num_blocks):
+                if self._interrupt:
+                    continue
+                block_slice = slice(block * block_size, (block + 1) * block_size)
+                rows = condition.shape[0]
+                guided = guidance_scales[block] > 1.0 and rows > num_images
+                sampled_rows = num_images if guided else rows
+                block_generator = generator * (sampled_rows // num_images) if isinstance(generator, list) else generator
+                tokens = sample_block_tokens(
+                    self.diffusion_head,
+                    self.scheduler,
+                    condition,
+                    num_inference_steps,
+                    guidance_scales[block] if guided else 1.0,
+                    block_generator,
+                    num_channels,
+                    attention_kwargs,
+                )
+                latents[:, block_slice] = tokens[:num_images]
+
+                if callback_on_step_end is not None:
+                    available = {"latents": latents}
+                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, block, block, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+
+                # Feed the block back, except after the last one (its outputs would condition nothing).
+                if block + 1 < num_blocks:
+                    own_rows = latents[:, block_slice]
+                    if guided or rows == num_images:
+                        row_tokens = own_rows.repeat(rows // num_images, 1, 1)
+                    else:
+                        row_tokens = torch.cat([own_rows, tokens[num_images:]])
+                    condition = feed_block(row_tokens, block)
+                progress_bar.update()
+        return latents

@@ -19,7 +19,7 @@ from ..models.embeddings import sincos_2d_sequence
 from ..models.projector import BitDanceProjector
 from ..utils.attention_masks import additive_mask, block_causal_allowed
 from ..utils.token_layout import patch_size_for_block, sequence_to_grid
-from .block_sampling import sample_block_tokens
+from .block_sampling import BlockAutoregressiveMixin
 
 
 EXAMPLE_DOC_STRING = """
@@ -52,7 +52,7 @@ def _cache_argument_name(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-class BitDancePipeline(DiffusionPipeline):
+class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
     r"""
     Text-to-image with BitDance: a Qwen3 language model reads the prompt and then, block by block, the image's binary
     tokens in patch-raster order; a diffusion head samples the ``P`` tokens of each block jointly from the model's
@@ -334,45 +334,33 @@ class BitDancePipeline(DiffusionPipeline):
         # Fixed 2-D sin-cos position of every image token (float32), added to the head condition and to the
         # embedding of the same block's tokens when they are fed back.
         positions = sincos_2d_sequence(grid_height, grid_width, hidden.shape[-1], block_size).to(device)
-        latents = torch.zeros(num_images, grid_height * grid_width, num_channels, device=device)
         lm_dtype = self.language_model.dtype
         block_offsets = torch.arange(block_size, device=device)
+        num_rows = len(row_ids)
 
-        with self.progress_bar(total=num_blocks) as progress_bar:
-            for block in range(num_blocks):
-                if self.interrupt:
-                    continue
-                block_slice = slice(block * block_size, (block + 1) * block_size)
-                block_positions = positions[block_slice]
-                condition = hidden.float() + block_positions
-                latents[:, block_slice] = sample_block_tokens(
-                    self.diffusion_head,
-                    self.scheduler,
-                    condition,
-                    num_inference_steps,
-                    guidance_scale,
-                    generator,
-                    num_channels,
-                    attention_kwargs,
-                )
+        def feed_block(tokens: torch.Tensor, block: int) -> torch.Tensor:
+            block_positions = positions[block * block_size : (block + 1) * block_size]
+            embeds = (self.projector(tokens).float() + block_positions).to(lm_dtype)
+            position_ids = lengths[:, None] + block * block_size + block_offsets
+            # Every cached real token and the whole new block are visible; left padding is not.
+            visible = torch.cat([~key_padding, key_padding.new_ones(num_rows, (block + 1) * block_size)], 1)
+            mask = additive_mask(visible[:, None, None, :], lm_dtype)
+            hidden = self._language_model_step(cache, position_ids, mask, inputs_embeds=embeds)
+            return hidden.float() + positions[(block + 1) * block_size : (block + 2) * block_size]
 
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for name in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[name] = locals()[name]
-                    callback_outputs = callback_on_step_end(self, block, block, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-
-                # Feed the block back, except after the last one (its outputs would condition nothing).
-                if block + 1 < num_blocks:
-                    embeds = self.projector(latents[:, block_slice]).float() + block_positions
-                    embeds = embeds.to(lm_dtype).repeat(len(row_ids) // num_images, 1, 1)
-                    position_ids = lengths[:, None] + block * block_size + block_offsets
-                    # Every cached real token and the whole new block are visible; left padding is not.
-                    visible = torch.cat([~key_padding, key_padding.new_ones(len(row_ids), (block + 1) * block_size)], 1)
-                    mask = additive_mask(visible[:, None, None, :], lm_dtype)
-                    hidden = self._language_model_step(cache, position_ids, mask, inputs_embeds=embeds)
-                progress_bar.update()
+        latents = self.sample_blocks(
+            condition=hidden.float() + positions[:block_size],
+            feed_block=feed_block,
+            num_images=num_images,
+            num_blocks=num_blocks,
+            num_channels=num_channels,
+            guidance_scales=[guidance_scale] * num_blocks,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
         codes = sequence_to_grid(latents, grid_height, grid_width, block_size)
         if output_type == "latent":
