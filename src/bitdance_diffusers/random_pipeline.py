@@ -27,6 +27,14 @@ RANDOM_CONFIGS = {
         "head": dict(hidden_size=1024, num_layers=6, num_ada_ln_layers=2, attention_head_dim=128),
         "vae": dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1),
     },
+    # The real shapes of BitDance-14B (Qwen3-14B, the 1.76 B head, ae_d16c32); vocabulary of the 64x release.
+    "14b": {
+        "language_model": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                               num_key_value_heads=8, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                               vocab_size=151988),
+        "head": dict(hidden_size=5120, num_layers=6, num_ada_ln_layers=2, attention_head_dim=128),
+        "vae": dict(ch=256, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4),
+    },
 }  # fmt: skip
 
 SPECIAL_TOKENS = (
@@ -52,33 +60,38 @@ def build_random_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> BitDancePipeline:
-    """A complete `BitDancePipeline` with random weights of the named size (see ``RANDOM_CONFIGS``)."""
+    """A complete `BitDancePipeline` with random weights of the named size (see ``RANDOM_CONFIGS``).
+
+    The modules are created directly on ``device`` in ``dtype`` (no float32 or CPU copy), so the 14B shapes fit a GPU.
+    """
     if config not in RANDOM_CONFIGS:
         raise ValueError(f"Unknown random config {config!r}; choose one of {sorted(RANDOM_CONFIGS)}.")
     sizes = RANDOM_CONFIGS[config]
     tokenizer = build_byte_tokenizer()
     torch.manual_seed(seed)
-    with torch.device(device):
-        lm_config = Qwen3Config(
-            vocab_size=len(tokenizer), max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
-            **sizes["language_model"],
-        )  # fmt: skip
-        lm_config._attn_implementation = "sdpa"
-        language_model = Qwen3Model(lm_config).eval()
-        hidden_size = lm_config.hidden_size
-        projector = BitDanceProjector(in_channels=32, hidden_size=hidden_size)
-        head = BitDanceDiffusionHead(in_channels=32, condition_channels=hidden_size, **sizes["head"])
-        vae = BitDanceTokenizer(z_channels=32, **sizes["vae"])
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return _build_pipeline(sizes, tokenizer, block_size, image_sizes)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _build_pipeline(sizes: dict, tokenizer, block_size: int, image_sizes: list | None) -> BitDancePipeline:
+    lm_config = Qwen3Config(max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
+                            **{"vocab_size": len(tokenizer), **sizes["language_model"]})  # fmt: skip
+    lm_config._attn_implementation = "sdpa"
+    hidden_size = lm_config.hidden_size
     if image_sizes is None:
         image_sizes = [[128, 128], [128, 256], [256, 128], [256, 256], [512, 512], [64, 64]]
-    pipe = BitDancePipeline(
+    return BitDancePipeline(
         tokenizer=tokenizer,
-        language_model=language_model,
-        projector=projector.eval(),
-        diffusion_head=head.eval(),
-        vae=vae.eval(),
+        language_model=Qwen3Model(lm_config).eval(),
+        projector=BitDanceProjector(in_channels=32, hidden_size=hidden_size).eval(),
+        diffusion_head=BitDanceDiffusionHead(in_channels=32, condition_channels=hidden_size, **sizes["head"]).eval(),
+        vae=BitDanceTokenizer(z_channels=32, **sizes["vae"]).eval(),
         scheduler=BinaryFlowScheduler(),
         block_size=block_size,
         image_sizes=image_sizes,
     )
-    return pipe if dtype == torch.float32 else pipe.to(dtype)

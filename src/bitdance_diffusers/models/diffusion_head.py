@@ -128,6 +128,11 @@ class BitDanceDiffusionHead(ModelMixin, AttentionMixin, ConfigMixin):
         time_logit_std: float = 1.0,
     ):
         super().__init__()
+        if (num_layers - 1) // max(1, num_layers // num_ada_ln_layers) >= num_ada_ln_layers:
+            raise ValueError(
+                f"num_layers={num_layers} does not split evenly over num_ada_ln_layers={num_ada_ln_layers}: the last "
+                "blocks would have no adaLN projection; use a num_layers that is a multiple of num_ada_ln_layers."
+            )
         self.time_embed = TimestepEmbedding(hidden_size)
         self.cond_embed = nn.Linear(condition_channels, hidden_size)
         self.input_proj = nn.Linear(in_channels, hidden_size)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..utils.cuda_graphs import CUDAGraphRunner
 from ..utils.token_layout import binarize
 
 
@@ -76,6 +77,19 @@ class BlockAutoregressiveMixin:
     must have ``diffusion_head`` and ``scheduler`` components and an ``_interrupt`` flag.
     """
 
+    _head_cuda_graphs: CUDAGraphRunner | None = None
+
+    def enable_head_cuda_graphs(self):
+        r"""
+        Run the diffusion head through CUDA graphs, captured once per batch shape. The head runs ``N + 1`` times per
+        block; at small batches its few hundred kernel launches per call, not its weight reads, would otherwise set
+        the pace. Results equal the eager head's. CUDA only; undo with `disable_head_cuda_graphs`.
+        """
+        self._head_cuda_graphs = CUDAGraphRunner(self.diffusion_head)
+
+    def disable_head_cuda_graphs(self):
+        self._head_cuda_graphs = None
+
     def sample_blocks(
         self,
         condition: torch.Tensor,
@@ -121,7 +135,7 @@ class BlockAutoregressiveMixin:
                 sampled_rows = num_images if guided else rows
                 block_generator = generator * (sampled_rows // num_images) if isinstance(generator, list) else generator
                 tokens = sample_block_tokens(
-                    self.diffusion_head,
+                    self._head_cuda_graphs or self.diffusion_head,
                     self.scheduler,
                     condition,
                     num_inference_steps,

@@ -1,0 +1,374 @@
+"""Speed and memory of `BitDancePipeline` against the floor of the same work, on random weights.
+
+    python benchmarks/bench_t2i.py --config small --height 256 --width 256 --block_size 64 --steps 25
+    python benchmarks/bench_t2i.py --config 14b-64x --device cuda --dtype bf16 --height 1024 --width 1024 \
+        --cuda_graphs --scaling
+
+One run prints one table: time per image and images/s, where the time goes (prompt prefill, language-model block
+steps, head sampling, decode, and the rest: orchestration, masks, caches, Python), peak memory, and the floor:
+
+* CPU: the pure forward times of the language model (prefill and every block step), the head (at the pipeline's
+  batch shape, timed over two blocks' worth of calls and scaled to the run's call count) and the decoder, each timed
+  in isolation in the same process.
+* GPU: per forward, the larger of (weight bytes / measured copy bandwidth) and (matmul FLOPs / measured bf16 matmul
+  rate), summed over the language-model forwards (embedding table excluded: it is gathered, not read) and the head
+  calls, plus the decoder's isolated time.
+
+``--scaling`` adds tables of time against head steps, batch size and guidance, and the per-block times of the run.
+``--json PATH`` appends every row as one JSON line (machine, torch version and date included) for RESULTS.md.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+from bitdance_diffusers.random_pipeline import build_random_pipeline
+
+
+CONFIGS = {"tiny": ("tiny", 16), "small": ("small", 64), "14b-16x": ("14b", 16), "14b-64x": ("14b", 64)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPT = "a photo of a red fox sitting in fresh snow at sunrise, highly detailed"
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process lifetime peak
+
+
+class Recorder:
+    """Wraps the components' forwards to time every call (synchronising on GPU) and keep its input shapes."""
+
+    def __init__(self, pipe, device):
+        self.pipe, self.device = pipe, device
+        self.times = {"prefill": [], "llm_step": [], "head": [], "decode": []}
+        self.llm_calls = []  # (input kind, shape, mask shape, position shape)
+        self.head_shapes = None
+        self.block_ends = []
+
+    def _timed(self, function, bucket):
+        def wrapper(*args, **kwargs):
+            synchronize(self.device)
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            synchronize(self.device)
+            self.times[bucket(args, kwargs) if callable(bucket) else bucket].append(time.perf_counter() - start)
+            return result
+
+        return wrapper
+
+    def _llm_bucket(self, args, kwargs):
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        source = ids if ids is not None else embeds
+        self.llm_calls.append(("ids" if ids is not None else "embeds", tuple(source.shape[:2]),
+                               tuple(kwargs["attention_mask"].shape)))  # fmt: skip
+        return "prefill" if ids is not None else "llm_step"
+
+    def _head_bucket(self, args, kwargs):
+        self.head_shapes = (tuple(args[0].shape), tuple(args[2].shape))
+        return "head"
+
+    @contextmanager
+    def attached(self):
+        pipe = self.pipe
+        head_owner = pipe if getattr(pipe, "_head_cuda_graphs", None) is not None else None
+        originals = (pipe.language_model.forward, pipe.diffusion_head.forward, pipe.vae.decode)
+        pipe.language_model.forward = self._timed(originals[0], self._llm_bucket)
+        if head_owner is not None:
+            runner = pipe._head_cuda_graphs
+            pipe._head_cuda_graphs = self._timed(runner, self._head_bucket)
+        else:
+            pipe.diffusion_head.forward = self._timed(originals[1], self._head_bucket)
+        pipe.vae.decode = self._timed(originals[2], "decode")
+        try:
+            yield self
+        finally:
+            del pipe.language_model.forward, pipe.vae.decode
+            if head_owner is not None:
+                pipe._head_cuda_graphs = runner
+            else:
+                del pipe.diffusion_head.forward
+
+    def block_callback(self, pipe, block, timestep, callback_kwargs):
+        synchronize(self.device)
+        self.block_ends.append(time.perf_counter())
+        return callback_kwargs
+
+
+def generate(pipe, args, batch=None, steps=None, guidance=None, **kwargs):
+    generator = torch.Generator(args.device).manual_seed(0)
+    return pipe([PROMPT] * (batch or args.batch), height=args.height, width=args.width,
+                num_inference_steps=steps or args.steps, guidance_scale=args.guidance if guidance is None else guidance,
+                generator=generator, output_type="pt", **kwargs).images  # fmt: skip
+
+
+def timed_generate(pipe, args, device, **kwargs) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    generate(pipe, args, **kwargs)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+# Floors ------------------------------------------------------------------------------------------------------------
+
+
+def measure_gpu_ceilings(device) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), medians of repeated runs."""
+    source = torch.randn(2**28, device=device)  # 1 GiB
+    target = torch.empty_like(source)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+
+    def median_time(function, repeats=10):
+        for _ in range(3):
+            function()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(repeats):
+            start.record()
+            function()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(samples)
+
+    bandwidth = 2 * source.numel() * source.element_size() / median_time(lambda: target.copy_(source))
+    flops = 2 * 8192**3 / median_time(lambda: a @ b)
+    del source, target, a, b
+    torch.cuda.empty_cache()
+    return bandwidth, flops
+
+
+def module_bytes(module, skip: str | None = None) -> int:
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if skip is None or skip not in n)
+
+
+def module_matmul_params(module, skip: str | None = None) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if p.ndim == 2 and (skip is None or skip not in n))
+
+
+def weight_sizes(pipe) -> dict:
+    """Bytes read and matmul parameters per forward of the language model (embedding table excluded) and head."""
+    return {
+        "lm_bytes": module_bytes(pipe.language_model, "embed_tokens"),
+        "lm_params": module_matmul_params(pipe.language_model, "embed_tokens"),
+        "head_bytes": module_bytes(pipe.diffusion_head),
+        "head_params": module_matmul_params(pipe.diffusion_head),
+    }
+
+
+def gpu_floor(pipe, sizes, recorder, bandwidth, flops_rate, decode_time) -> dict:
+    """The bandwidth/compute floor of the recorded work, for weights of ``sizes`` (taken before any quantization)."""
+    lm_bytes, lm_params, head_bytes, head_params = (sizes[k] for k in ("lm_bytes", "lm_params", "head_bytes",
+                                                                       "head_params"))  # fmt: skip
+    config = pipe.language_model.config
+    floors = {"prefill": 0.0, "llm_step": 0.0, "head": 0.0, "decode": decode_time}
+    for kind, shape, mask_shape in recorder.llm_calls:
+        rows, new = shape[0], shape[1]
+        attention = 4 * rows * config.num_attention_heads * new * mask_shape[-1] * config.head_dim * config.num_hidden_layers
+        work = (2 * lm_params * rows * new + attention) / flops_rate
+        floors["prefill" if kind == "ids" else "llm_step"] += max(lm_bytes / bandwidth, work)
+    (rows, tokens, _), _ = recorder.head_shapes
+    head_call = max(head_bytes / bandwidth, 2 * head_params * rows * tokens / flops_rate)
+    floors["head"] = head_call * len(recorder.times["head"])
+    return floors
+
+
+@torch.no_grad()
+def cpu_floor(pipe, recorder, device) -> dict:
+    """Pure forward times, each component alone, at the shapes the recorded run used."""
+    from transformers import DynamicCache
+
+    lm, head = pipe.language_model, pipe.diffusion_head
+    dtype = lm.dtype
+    floors = {"prefill": 0.0, "llm_step": 0.0, "head": 0.0, "decode": 0.0}
+    cache = DynamicCache(config=lm.config)
+    cache_argument = "cache" if "cache" in lm.forward.__code__.co_varnames else "past_key_values"
+    for kind, shape, mask_shape in recorder.llm_calls:
+        rows, new = shape[0], shape[1]
+        mask = torch.zeros(mask_shape, dtype=dtype, device=device)
+        positions = torch.arange(mask_shape[-1] - new, mask_shape[-1], device=device).expand(rows, -1)
+        inputs = (
+            {"input_ids": torch.zeros(shape, dtype=torch.long, device=device)}
+            if kind == "ids"
+            else {"inputs_embeds": torch.randn(*shape, lm.config.hidden_size, dtype=dtype, device=device)}
+        )
+        synchronize(device)
+        start = time.perf_counter()
+        lm(**inputs, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_argument: cache})
+        synchronize(device)
+        floors["prefill" if kind == "ids" else "llm_step"] += time.perf_counter() - start
+
+    (rows, tokens, channels), condition_shape = recorder.head_shapes
+    sample = torch.randn(rows, tokens, channels, device=device)
+    condition = torch.randn(condition_shape, device=device)
+    t = torch.rand(rows, device=device)
+    calls = len(recorder.times["head"])
+    timed_calls = min(calls, 2 * (calls // max(1, len(recorder.times["llm_step"]) + 1)))
+    start = time.perf_counter()
+    for _ in range(timed_calls):
+        head(sample, t, condition)
+    floors["head"] = (time.perf_counter() - start) * calls / max(1, timed_calls)
+
+    codes = torch.ones(recorder.decode_shape, dtype=pipe.vae.dtype, device=device)
+    start = time.perf_counter()
+    pipe.vae.decode(codes)
+    floors["decode"] = time.perf_counter() - start
+    return floors
+
+
+# Tables ------------------------------------------------------------------------------------------------------------
+
+
+def print_table(title: str, header: list[str], rows: list[list]):
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    print(f"\n{title}")
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--block_size", type=int, default=None, help="tokens per block (default: the config's)")
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cuda_graphs", action="store_true", help="run the head through CUDA graphs")
+    parser.add_argument("--quantize", choices=["none", "fp8", "fp8-weight-only"], default="none",
+                        help="torchao float8 (dynamic activations or weight-only) for the language model and head")  # fmt: skip
+    parser.add_argument("--scaling", action="store_true", help="also time head steps, batch sizes and guidance")
+    parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
+    parser.add_argument("--save_images", default=None, help="save the generated images (a .pt tensor) here")
+    parser.add_argument("--compare_to", default=None, help="report PSNR against images saved by --save_images")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    model, default_block_size = CONFIGS[args.config]
+    block_size = args.block_size or default_block_size
+    pipe = build_random_pipeline(model, block_size=block_size, image_sizes=[[args.height, args.width]],
+                                 dtype=DTYPES[args.dtype], device=device)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.enable_slicing()  # decode images one at a time: batches up to 8 at 1024x1024 stay within memory
+    sizes = weight_sizes(pipe)
+    if args.quantize != "none":
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            PerRow,
+            quantize_,
+        )
+
+        config = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if args.quantize == "fp8"
+                  else Float8WeightOnlyConfig())  # fmt: skip
+        quantize_(pipe.language_model, config)
+        quantize_(pipe.diffusion_head, config)
+    if args.cuda_graphs:
+        pipe.enable_head_cuda_graphs()
+
+    label = (f"{args.config} P={block_size} {args.height}x{args.width} steps={args.steps} cfg={args.guidance} "
+             f"batch={args.batch} {args.dtype}{' cuda-graphs' if args.cuda_graphs else ''}"
+             f"{' ' + args.quantize if args.quantize != 'none' else ''} on {device.type}")  # fmt: skip
+    generate(pipe, args, steps=2)  # warm-up: kernels, cuBLAS handles, CUDA graph capture
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    total = timed_generate(pipe, args, device)
+    peak = peak_memory_gb(device)
+
+    recorder = Recorder(pipe, device)
+    with recorder.attached():
+        images = generate(pipe, args, callback_on_step_end=recorder.block_callback)
+    recorder.decode_shape = (args.batch, pipe.vae.config.z_channels, args.height // pipe.vae_scale_factor,
+                             args.width // pipe.vae_scale_factor)  # fmt: skip
+    parts = {bucket: sum(times) for bucket, times in recorder.times.items()}
+    if device.type == "cuda":
+        bandwidth, flops_rate = measure_gpu_ceilings(device)
+        floors = gpu_floor(pipe, sizes, recorder, bandwidth, flops_rate, parts["decode"])
+        ceilings = f"copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s"
+    else:
+        floors = cpu_floor(pipe, recorder, device)
+        ceilings = f"{torch.get_num_threads()} threads"
+    floor = sum(floors.values())
+    overhead = total - sum(parts.values())
+
+    rows = [
+        ["total", f"{total:.3f}", f"{floor:.3f}", f"{total / floor:.2f}"],
+        *[[name, f"{parts[name]:.3f}", f"{floors[name]:.3f}", f"{parts[name] / max(floors[name], 1e-9):.2f}"]
+          for name in ("prefill", "llm_step", "head", "decode")],
+        ["overhead (rest)", f"{overhead:.3f}", "0", "-"],
+    ]  # fmt: skip
+    print_table(f"{label}  |  {len(recorder.times['head'])} head calls, {len(recorder.times['llm_step'])} LM block "
+                f"steps, {ceilings}", ["part", "seconds", "floor s", "ratio"], rows)  # fmt: skip
+    print(f"time per image {total / args.batch:.3f} s, {args.batch / total:.3f} images/s, peak memory {peak:.2f} GiB, "
+          f"image {tuple(images.shape)}")  # fmt: skip
+
+    if args.save_images:
+        torch.save(images.cpu(), args.save_images)
+    psnr = None
+    if args.compare_to:
+        reference = torch.load(args.compare_to)
+        mse = (images.cpu().float() - reference.float()).pow(2).mean()
+        psnr = float(10 * torch.log10(1 / mse.clamp_min(1e-12)))
+        print(f"PSNR against {args.compare_to}: {psnr:.2f} dB")
+
+    block_times = [b - a for a, b in zip(recorder.block_ends, recorder.block_ends[1:])]
+    results = [{"run": label, "total_s": total, "floor_s": floor, "ratio": total / floor, "parts_s": parts,
+                "floors_s": floors, "peak_memory_gib": peak, "images_per_s": args.batch / total, "psnr_db": psnr,
+                "first_block_s": block_times[0] if block_times else None,
+                "last_block_s": block_times[-1] if block_times else None}]  # fmt: skip
+    if block_times:
+        print(f"per-block time: first {block_times[0] * 1e3:.1f} ms, last {block_times[-1] * 1e3:.1f} ms, "
+              f"last/first {block_times[-1] / block_times[0]:.2f} (LM step growth from attention over the cache: "
+              f"{recorder.times['llm_step'][-1] / recorder.times['llm_step'][0]:.2f}x)")  # fmt: skip
+
+    if args.scaling:
+        scaling = []
+        for steps in sorted({max(1, args.steps // 2), args.steps}):
+            scaling.append(["head steps", steps, timed_generate(pipe, args, device, steps=steps), 1])
+        for batch in [int(b) for b in args.batches.split(",")]:
+            try:
+                scaling.append(["batch", batch, timed_generate(pipe, args, device, batch=batch), batch])
+            except torch.OutOfMemoryError:
+                print(f"batch {batch}: out of memory")
+                torch.cuda.empty_cache()
+        for guidance in (1.0, args.guidance):
+            recorder_cfg = Recorder(pipe, device)
+            with recorder_cfg.attached():
+                seconds = timed_generate(pipe, args, device, guidance=guidance)
+            llm = sum(recorder_cfg.times["prefill"]) + sum(recorder_cfg.times["llm_step"])
+            scaling.append([f"guidance (LM part {llm:.3f} s)", guidance, seconds, 1])
+        print_table("scaling", ["vary", "value", "seconds", "images/s"],
+                    [[name, value, f"{s:.3f}", f"{n / s:.3f}"] for name, value, s, n in scaling])  # fmt: skip
+        results[0]["scaling"] = [{"vary": name, "value": value, "seconds": s, "images_per_s": n / s}
+                                 for name, value, s, n in scaling]  # fmt: skip
+
+    if args.json:
+        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+        with open(args.json, "a") as handle:
+            for result in results:
+                result.update(machine=machine, torch=torch.__version__, date=datetime.date.today().isoformat())
+                handle.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The benchmarks run end to end on a tiny model and print their complete tables (no timing is asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitdance_diffusers.random_pipeline import build_random_pipeline
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_t2i_benchmark_prints_complete_tables(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    output = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_t2i.py"), "--config", "tiny", "--height", "128", "--width", "128",
+         "--steps", "2", "--scaling", "--batches", "1,2", "--json", str(results)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for part in ("total", "prefill", "llm_step", "head", "decode", "overhead (rest)", "per-block time", "scaling"):
+        assert part in output, part
+    row = json.loads(results.read_text().splitlines()[0])
+    assert row["floor_s"] > 0 and row["total_s"] > 0 and set(row["parts_s"]) == {"prefill", "llm_step", "head", "decode"}
+    assert [entry["vary"] for entry in row["scaling"]][:4] == ["head steps", "head steps", "batch", "batch"]
+    assert row["machine"] and row["torch"] == torch.__version__
+
+
+def test_head_cuda_graphs_refuse_cpu_tensors():
+    pipe = build_random_pipeline("tiny")
+    pipe.enable_head_cuda_graphs()
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors"):
+        pipe("a red circle", height=128, width=128, num_inference_steps=1, output_type="latent")
+    pipe.disable_head_cuda_graphs()
+    assert pipe("a red circle", height=128, width=128, num_inference_steps=1, output_type="latent").images.shape[0] == 1
+
