@@ -1,15 +1,21 @@
-"""Randomly initialised BitDance text-to-image pipelines built in memory, with no download.
+"""Randomly initialised BitDance pipelines built in memory, with no download.
 
-Used by the command line until a trained demo model ships, by the tests and by the benchmarks. The text tokenizer is
-a byte-level BPE without merges (every byte is a token) carrying BitDance's special tokens by name.
+Used by the command line and the examples until trained demo models ship, by the tests and by the benchmarks. The
+text tokenizer is a byte-level BPE without merges (every byte is a token) carrying BitDance's special tokens by name.
 """
 
 import torch
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from .models import BitDanceDiffusionHead, BitDanceProjector, BitDanceTokenizer
-from .pipelines import BitDancePipeline
+from .models import (
+    BitDanceDiffusionHead,
+    BitDanceImageNetTransformer,
+    BitDanceMLPHead,
+    BitDanceProjector,
+    BitDanceTokenizer,
+)
+from .pipelines import BitDanceImageNetPipeline, BitDancePipeline
 from .schedulers import BinaryFlowScheduler
 
 
@@ -95,3 +101,64 @@ def _build_pipeline(sizes: dict, tokenizer, block_size: int, image_sizes: list |
         block_size=block_size,
         image_sizes=image_sizes,
     )
+
+
+# Class-conditional ImageNet sizes: the released BitDance-B/L/H (SPEC 4.1; the head is as wide as the backbone) and a
+# tiny one for tests. BitDance-B has 242.37 M parameters with the 1x MLP head and 260.1 M with the 4x/16x head.
+IMAGENET_SIZES = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_attention_heads=2, head_layers=2, head_ada_ln_layers=2),
+    "B": dict(hidden_size=768, num_layers=24, num_attention_heads=12, head_layers=6, head_ada_ln_layers=2),
+    "L": dict(hidden_size=1024, num_layers=32, num_attention_heads=16, head_layers=8, head_ada_ln_layers=2),
+    "H": dict(hidden_size=1280, num_layers=40, num_attention_heads=20, head_layers=12, head_ada_ln_layers=3),
+}
+
+
+def build_imagenet_models(size: str = "B", block_size: int = 1, num_classes: int = 1000, sample_size: int = 16):
+    """Backbone and diffusion head of a named ImageNet size (random weights; use ``torch.device("meta")`` for shapes).
+
+    ``P = 1`` gets the per-token MLP head, ``P > 1`` the transformer head with 64-wide attention heads and raw output.
+    """
+    if size not in IMAGENET_SIZES:
+        raise ValueError(f"Unknown ImageNet size {size!r}; choose one of {sorted(IMAGENET_SIZES)}.")
+    sizes = IMAGENET_SIZES[size]
+    hidden_size = sizes["hidden_size"]
+    transformer = BitDanceImageNetTransformer(
+        num_classes=num_classes,
+        sample_size=sample_size,
+        hidden_size=hidden_size,
+        num_layers=sizes["num_layers"],
+        num_attention_heads=sizes["num_attention_heads"],
+        block_size=block_size,
+    )
+    head_config = dict(
+        in_channels=32,
+        condition_channels=hidden_size,
+        hidden_size=hidden_size,
+        num_layers=sizes["head_layers"],
+        num_ada_ln_layers=sizes["head_ada_ln_layers"],
+    )
+    if block_size == 1:
+        head = BitDanceMLPHead(**head_config)
+    else:
+        head = BitDanceDiffusionHead(**head_config, attention_head_dim=64, bounded_output=False)
+    return transformer, head
+
+
+def build_random_imagenet_pipeline(
+    size: str = "tiny",
+    block_size: int = 4,
+    num_classes: int = 1000,
+    sample_size: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> BitDanceImageNetPipeline:
+    """A complete `BitDanceImageNetPipeline` with random weights; ``sample_size`` 4 gives 64x64 images."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer, head = build_imagenet_models(size, block_size, num_classes, sample_size)
+        vae = BitDanceTokenizer(z_channels=32, **RANDOM_CONFIGS["tiny"]["vae"])
+    pipe = BitDanceImageNetPipeline(
+        transformer=transformer.eval(), diffusion_head=head.eval(), vae=vae.eval(), scheduler=BinaryFlowScheduler()
+    )
+    return pipe if dtype == torch.float32 else pipe.to(dtype)

@@ -1,1 +1,2 @@
 from .pipeline_bitdance import BitDancePipeline
+from .pipeline_bitdance_imagenet import BitDanceImageNetPipeline

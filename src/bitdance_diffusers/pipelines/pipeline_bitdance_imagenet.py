@@ -1,0 +1,272 @@
+"""BitDanceImageNetPipeline: class-conditional generation with the BitDance ImageNet models (B/L/H, 1x/4x/16x)."""
+
+import difflib
+from typing import Any, Callable
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import replace_example_docstring
+from transformers import DynamicCache
+
+from ..utils.imagenet_labels import IMAGENET_ID2LABEL
+from ..models.binary_autoencoder import BitDanceTokenizer
+from ..models.diffusion_head import BitDanceDiffusionHead
+from ..models.imagenet_transformer import BitDanceImageNetTransformer
+from ..models.mlp_head import BitDanceMLPHead
+from ..utils.token_layout import sequence_to_grid
+from .block_sampling import BlockAutoregressiveMixin
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> import bitdance_diffusers  # registers the BitDance pipelines with diffusers
+        >>> from diffusers import DiffusionPipeline
+
+        >>> pipe = DiffusionPipeline.from_pretrained("path/to/BitDance-B-4x-diffusers").to("cuda")
+        >>> class_ids = pipe.get_label_ids(["golden retriever", "volcano"])
+        >>> images = pipe(class_ids, guidance_scale=3.9, generator=torch.Generator().manual_seed(0)).images
+        ```
+"""
+
+GUIDANCE_SCHEDULES = ("linear", "constant")
+
+
+class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
+    r"""
+    Class-conditional image generation with BitDance: a LlamaGen-style transformer reads 64 class tokens and then,
+    block by block, the image's binary tokens in patch-raster order; a diffusion head samples the ``P`` tokens of each
+    block from the transformer's output; the binary autoencoder decodes the token grid.
+
+    Args:
+        transformer ([`BitDanceImageNetTransformer`]): the autoregressive backbone.
+        diffusion_head ([`BitDanceMLPHead`] or [`BitDanceDiffusionHead`]): samples one block (the MLP head for
+            ``P = 1``, the transformer head for ``P > 1``).
+        vae ([`BitDanceTokenizer`]): binary autoencoder (``ae_d16c32``).
+        scheduler ([`BinaryFlowScheduler`] or any diffusers flow scheduler): integrates the head's flow.
+        id2label (`dict[int, str]`, *optional*): class names (comma-separated synonyms) by id; defaults to the
+            ImageNet-1k names when the transformer has 1000 classes.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    # The head runs num_inference_steps + 1 times per block: keep it on the accelerator instead of shuttling it.
+    _exclude_from_cpu_offload = ["diffusion_head"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: BitDanceImageNetTransformer,
+        diffusion_head: BitDanceMLPHead | BitDanceDiffusionHead,
+        vae: BitDanceTokenizer,
+        scheduler,
+        id2label: dict[int, str] | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, diffusion_head=diffusion_head, vae=vae, scheduler=scheduler)
+        self.register_to_config(id2label=id2label)
+        self.vae_scale_factor = vae.downsample_factor if vae is not None else 16
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        if id2label is None and transformer is not None and transformer.config.num_classes == len(IMAGENET_ID2LABEL):
+            id2label = IMAGENET_ID2LABEL
+        # name -> id for every comma-separated synonym, as diffusers' DiTPipeline.
+        self.labels = {}
+        for key, value in (id2label or {}).items():
+            for name in value.split(","):
+                self.labels[name.strip()] = int(key)
+        self.labels = dict(sorted(self.labels.items()))
+
+    # Properties read by callbacks and tests ----------------------------------------------------------------------
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # Labels ----------------------------------------------------------------------------------------------------
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of ImageNet label names (any of a class's comma-separated synonyms; case-insensitive).
+
+        Example: ``pipe.get_label_ids(["golden retriever", "volcano"])`` -> ``[207, 980]``.
+        """
+        labels = [label] if isinstance(label, str) else list(label)
+        if not self.labels:
+            raise ValueError("This pipeline has no label names (no id2label); pass integer class ids instead.")
+        names = {name.lower(): name for name in self.labels}
+        ids = []
+        for label_name in labels:
+            key = label_name.strip().lower()
+            if key not in names:
+                close = [names[match] for match in difflib.get_close_matches(key, names, n=3)]
+                hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+                raise ValueError(
+                    f"Unknown label name {label_name!r}.{hint} `pipe.labels` lists every accepted name; integer class "
+                    f"ids 0..{self.transformer.config.num_classes - 1} work too."
+                )
+            ids.append(self.labels[names[key]])
+        return ids
+
+    def resolve_class_labels(self, class_labels: int | str | list[int | str] | torch.Tensor) -> list[int]:
+        """Class ids of ``class_labels`` (ids and/or label names), checked against the model's class count."""
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.reshape(-1).tolist()
+        items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
+        if not items:
+            raise ValueError("`class_labels` is empty; pass at least one class id or label name.")
+        ids = []
+        for item in items:
+            if isinstance(item, str):
+                ids.extend(self.get_label_ids(item))
+            elif isinstance(item, int) and not isinstance(item, bool):
+                ids.append(item)
+            else:
+                raise ValueError(f"`class_labels` entries must be int class ids or label names, got {item!r}.")
+        num_classes = self.transformer.config.num_classes
+        invalid = [index for index in ids if not 0 <= index < num_classes]
+        if invalid:
+            raise ValueError(
+                f"Class ids {invalid} are outside [0, {num_classes - 1}]; this model knows {num_classes} classes "
+                f"(id {num_classes} is the internal null class). Use pipe.get_label_ids('name') to look ids up."
+            )
+        return ids
+
+    def check_inputs(self, guidance_schedule, num_inference_steps, generator, num_images, callback_inputs):
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"Got a list of {len(generator)} generators for {num_images} images; pass one generator, or exactly "
+                "one per image (labels x num_images_per_label)."
+            )
+        if callback_inputs is not None and not all(k in self._callback_tensor_inputs for k in callback_inputs):
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}.")
+
+    def guidance_scales(self, guidance_scale: float, num_blocks: int, schedule: str) -> list[float]:
+        """CFG scale of every block.
+
+        ``"linear"`` is the original's schedule ``1 + (guidance_scale - 1) * block / num_blocks``: exactly 1.0 at the
+        first block, which the original then samples *without* guidance on the full conditional + unconditional
+        batch, so the two branches draw separate noise and get different first tokens (reproduced by
+        `BlockAutoregressiveMixin.sample_blocks`). ``"constant"`` uses ``guidance_scale`` for every block.
+        """
+        if schedule == "constant":
+            return [guidance_scale] * num_blocks
+        return [1 + (guidance_scale - 1) * block / num_blocks for block in range(num_blocks)]
+
+    # Generation ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str],
+        guidance_scale: float = 4.0,
+        guidance_schedule: str = "linear",
+        num_inference_steps: int = 100,
+        num_images_per_label: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        r"""
+        Generate images of ImageNet classes.
+
+        Args:
+            class_labels (`int`, `str` or `list`): class ids in ``[0, num_classes - 1]`` and/or label names (see
+                `get_label_ids`).
+            guidance_scale (`float`, defaults to 4.0): classifier-free guidance on the head's velocity; ``<= 1``
+                disables the unconditional branch. The original's tuned values: B-1x 3.2, B-4x 3.9, B-16x 6.1,
+                L-1x 4.0, H-1x 4.55.
+            guidance_schedule (`str`, defaults to `"linear"`): ``"linear"`` ramps the scale from 1 at the first block
+                to ``guidance_scale`` as the original does (see `guidance_scales`); ``"constant"`` guides every block
+                with ``guidance_scale`` (not the original's behaviour).
+            num_inference_steps (`int`, defaults to 100): flow steps of the head per block (the default scheduler adds
+                one final deterministic step, as the original).
+            num_images_per_label (`int`, defaults to 1): images per class label.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator for the batch (the
+                draws then equal the original's global-RNG draws after ``torch.manual_seed``), or one per image.
+            output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the ±1 code grid
+                ``[B, C, h, w]``).
+            return_dict (`bool`, defaults to `True`): return an [`~pipelines.ImagePipelineOutput`].
+            attention_kwargs (`dict`, *optional*): passed to the attention processors of the head.
+            callback_on_step_end (`Callable`, *optional*): called after every autoregressive block as
+                ``callback(pipe, block_index, timestep, callback_kwargs)``; may return a replacement ``latents``.
+            callback_on_step_end_tensor_inputs (`list[str]`): tensors given to the callback; ``latents`` is the token
+                sequence ``[B, h*w, C]`` in patch-raster order, filled up to the current block (zeros after it).
+
+        Examples:
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`: the images (or codes for ``output_type="latent"``).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        class_ids = self.resolve_class_labels(class_labels)
+        num_images = len(class_ids) * num_images_per_label
+        self.check_inputs(
+            guidance_schedule, num_inference_steps, generator, num_images, callback_on_step_end_tensor_inputs
+        )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+
+        device = self._execution_device
+        config = self.transformer.config
+        block_size = config.block_size
+        num_blocks = config.sample_size**2 // block_size
+        self._num_timesteps = num_blocks
+
+        labels = torch.tensor(class_ids, device=device).repeat_interleave(num_images_per_label)
+        if self.do_classifier_free_guidance:
+            # Conditional rows first, then one null-class row per image: one batched forward per block.
+            labels = torch.cat([labels, torch.full_like(labels, config.num_classes)])
+        cache = DynamicCache()
+        condition = self.transformer(class_labels=labels, past_key_values=cache).sample
+
+        def feed_block(tokens: torch.Tensor, block: int) -> torch.Tensor:
+            return self.transformer(tokens=tokens, past_key_values=cache).sample
+
+        latents = self.sample_blocks(
+            condition=condition,
+            feed_block=feed_block,
+            num_images=num_images,
+            num_blocks=num_blocks,
+            num_channels=config.in_channels,
+            guidance_scales=self.guidance_scales(guidance_scale, num_blocks, guidance_schedule),
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+
+        codes = sequence_to_grid(latents, config.sample_size, config.sample_size, block_size)
+        if output_type == "latent":
+            image = codes
+        else:
+            image = self.vae.decode(codes.to(self.vae.dtype), generator=generator).sample
+            image = self.image_processor.postprocess(image.float(), output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
