@@ -39,6 +39,38 @@ def tokenizer_config_from_original(ae_config: dict) -> dict:
     }
 
 
+def tokenizer_config_from_state_dict(state_dict: dict, source: str) -> dict:
+    """`BitDanceTokenizer` config read off the tensor shapes of an ``encoder.*``/``decoder.*`` state dict.
+
+    For files that carry no config, such as the ImageNet release's ``ae_d16c32.pt`` (the original hard-codes its
+    architecture).
+    """
+    try:
+        ch, in_channels = state_dict["encoder.conv_in.weight"].shape[:2]
+        levels = sorted({int(key.split(".")[2]) for key in state_dict if key.startswith("encoder.down.")})
+        num_res_blocks = len({key.split(".")[4] for key in state_dict if key.startswith("encoder.down.0.block.")})
+        ch_mult = [state_dict[f"encoder.down.{level}.block.0.conv1.weight"].shape[0] // ch for level in levels]
+        z_channels = state_dict["encoder.conv_out.weight"].shape[0]
+        decoder_in = state_dict["decoder.conv_in.weight"].shape[1]
+        out_channels = state_dict["decoder.conv_out.weight"].shape[0]
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConversionError(
+            f"{source} does not look like a BitDance binary tokenizer (missing or odd {error}); expected encoder.* and "
+            "decoder.* tensors of the original VQModel."
+        ) from error
+    if levels != list(range(len(levels))) or not num_res_blocks:
+        raise ConversionError(f"{source}: encoder levels {levels} with {num_res_blocks} blocks are not a BitDance encoder.")
+    return {
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "ch": ch,
+        "ch_mult": tuple(ch_mult),
+        "num_res_blocks": num_res_blocks,
+        "z_channels": z_channels,
+        "gan_decoder": decoder_in == 2 * z_channels,
+    }
+
+
 def default_config_path(weights_path: Path) -> Path:
     """The json beside the weights: ``<stem>_config.json``, else ``ae_config.json``."""
     for candidate in (weights_path.with_name(f"{weights_path.stem}_config.json"), weights_path.with_name("ae_config.json")):
