@@ -57,12 +57,19 @@ class Recorder:
         self.llm_calls = []  # (input kind, shape, mask shape, position shape)
         self.head_shapes = None
         self.block_ends = []
+        self._inside = False
 
     def _timed(self, function, bucket):
         def wrapper(*args, **kwargs):
+            if self._inside or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                return function(*args, **kwargs)  # a nested or captured call: its caller is timed
             synchronize(self.device)
             start = time.perf_counter()
-            result = function(*args, **kwargs)
+            self._inside = True
+            try:
+                result = function(*args, **kwargs)
+            finally:
+                self._inside = False
             synchronize(self.device)
             self.times[bucket(args, kwargs) if callable(bucket) else bucket].append(time.perf_counter() - start)
             return result
@@ -70,10 +77,10 @@ class Recorder:
         return wrapper
 
     def _llm_bucket(self, args, kwargs):
+        """``_language_model_step(cache, position_ids, mask, input_ids=... | inputs_embeds=...)``."""
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         source = ids if ids is not None else embeds
-        self.llm_calls.append(("ids" if ids is not None else "embeds", tuple(source.shape[:2]),
-                               tuple(kwargs["attention_mask"].shape)))  # fmt: skip
+        self.llm_calls.append(("ids" if ids is not None else "embeds", tuple(source.shape[:2]), tuple(args[2].shape)))
         return "prefill" if ids is not None else "llm_step"
 
     def _head_bucket(self, args, kwargs):
@@ -83,20 +90,20 @@ class Recorder:
     @contextmanager
     def attached(self):
         pipe = self.pipe
-        head_owner = pipe if getattr(pipe, "_head_cuda_graphs", None) is not None else None
-        originals = (pipe.language_model.forward, pipe.diffusion_head.forward, pipe.vae.decode)
-        pipe.language_model.forward = self._timed(originals[0], self._llm_bucket)
-        if head_owner is not None:
-            runner = pipe._head_cuda_graphs
+        graphed_step = pipe._graphed_language_model_step
+        pipe._language_model_step = self._timed(pipe._language_model_step, self._llm_bucket)
+        pipe._graphed_language_model_step = lambda cache: self._timed(graphed_step(cache), self._llm_bucket)
+        runner = pipe._head_cuda_graphs
+        if runner is not None:
             pipe._head_cuda_graphs = self._timed(runner, self._head_bucket)
         else:
-            pipe.diffusion_head.forward = self._timed(originals[1], self._head_bucket)
-        pipe.vae.decode = self._timed(originals[2], "decode")
+            pipe.diffusion_head.forward = self._timed(pipe.diffusion_head.forward, self._head_bucket)
+        pipe.vae.decode = self._timed(pipe.vae.decode, "decode")
         try:
             yield self
         finally:
-            del pipe.language_model.forward, pipe.vae.decode
-            if head_owner is not None:
+            del pipe._language_model_step, pipe._graphed_language_model_step, pipe.vae.decode
+            if runner is not None:
                 pipe._head_cuda_graphs = runner
             else:
                 del pipe.diffusion_head.forward
@@ -253,7 +260,9 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cuda_graphs", action="store_true", help="run the head through CUDA graphs")
+    parser.add_argument("--cuda_graphs", action="store_true",
+                        help="replay the head and the language-model block step from CUDA graphs (static KV cache)")
+    parser.add_argument("--head_graphs_only", action="store_true", help="with --cuda_graphs: the eager language model")
     parser.add_argument("--quantize", choices=["none", "fp8", "fp8-weight-only"], default="none",
                         help="torchao float8 (dynamic activations or weight-only) for the language model and head")  # fmt: skip
     parser.add_argument("--scaling", action="store_true", help="also time head steps, batch sizes and guidance")
@@ -284,10 +293,11 @@ def main():
         quantize_(pipe.language_model, config)
         quantize_(pipe.diffusion_head, config)
     if args.cuda_graphs:
-        pipe.enable_head_cuda_graphs()
+        pipe.enable_cuda_graphs(backbone=not args.head_graphs_only)
 
     label = (f"{args.config} P={block_size} {args.height}x{args.width} steps={args.steps} cfg={args.guidance} "
              f"batch={args.batch} {args.dtype}{' cuda-graphs' if args.cuda_graphs else ''}"
+             f"{' (head only)' if args.cuda_graphs and args.head_graphs_only else ''}"
              f"{' ' + args.quantize if args.quantize != 'none' else ''} on {device.type}")  # fmt: skip
     generate(pipe, args, steps=2)  # warm-up: kernels, cuBLAS handles, CUDA graph capture
     if device.type == "cuda":

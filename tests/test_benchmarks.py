@@ -29,11 +29,11 @@ def test_t2i_benchmark_prints_complete_tables(tmp_path):
     assert row["machine"] and row["torch"] == torch.__version__
 
 
-def test_head_cuda_graphs_refuse_cpu_tensors():
+def test_cuda_graphs_refuse_cpu_tensors():
     pipe = build_random_pipeline("tiny")
-    pipe.enable_head_cuda_graphs()
+    pipe.enable_cuda_graphs()
     with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors"):
         pipe("a red circle", height=128, width=128, num_inference_steps=1, output_type="latent")
-    pipe.disable_head_cuda_graphs()
+    pipe.disable_cuda_graphs()
     assert pipe("a red circle", height=128, width=128, num_inference_steps=1, output_type="latent").images.shape[0] == 1
 

@@ -152,3 +152,16 @@ def test_import_registers_pipeline_with_diffusers():
     import diffusers
 
     assert diffusers.BitDancePipeline is bitdance_diffusers.BitDancePipeline
+
+
+def test_static_kv_cache_gives_the_same_tokens(tiny_pipe):
+    """The CUDA-graph path's preallocated cache (positions not yet written are masked) equals the growing cache."""
+    kwargs = dict(height=128, width=256, num_inference_steps=3, guidance_scale=4.0, output_type="latent")
+    prompts = ["a red circle", "two blue squares on a much longer line of text"]
+    dynamic = tiny_pipe(prompts, generator=torch.Generator().manual_seed(5), **kwargs).images
+    tiny_pipe._static_kv_cache = True
+    try:
+        static = tiny_pipe(prompts, generator=torch.Generator().manual_seed(5), **kwargs).images
+    finally:
+        tiny_pipe._static_kv_cache = False
+    assert torch.equal(static, dynamic)

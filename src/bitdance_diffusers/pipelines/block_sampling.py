@@ -78,17 +78,22 @@ class BlockAutoregressiveMixin:
     """
 
     _head_cuda_graphs: CUDAGraphRunner | None = None
+    _cuda_graphs = False  # the backbone's block step too, where the pipeline supports it
+    _static_kv_cache = False
 
-    def enable_head_cuda_graphs(self):
+    def enable_cuda_graphs(self, backbone: bool = True):
         r"""
-        Run the diffusion head through CUDA graphs, captured once per batch shape. The head runs ``N + 1`` times per
-        block; at small batches its few hundred kernel launches per call, not its weight reads, would otherwise set
-        the pace. Results equal the eager head's. CUDA only; undo with `disable_head_cuda_graphs`.
+        Replay the diffusion head, and with ``backbone`` the backbone's block step over a preallocated static KV cache
+        (text-to-image pipeline), from CUDA graphs captured once per batch shape. At small batches the kernel launches
+        of eager PyTorch, not the weight reads, would otherwise set the pace: the head runs ``N + 1`` times per block.
+        CUDA only; undo with `disable_cuda_graphs`.
         """
         self._head_cuda_graphs = CUDAGraphRunner(self.diffusion_head)
+        self._cuda_graphs = self._static_kv_cache = backbone
 
-    def disable_head_cuda_graphs(self):
+    def disable_cuda_graphs(self):
         self._head_cuda_graphs = None
+        self._cuda_graphs = self._static_kv_cache = False
 
     def sample_blocks(
         self,

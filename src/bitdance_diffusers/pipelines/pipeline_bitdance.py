@@ -11,7 +11,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..models.diffusion_head import BitDanceDiffusionHead
@@ -19,6 +19,7 @@ from ..models.embeddings import sincos_2d_sequence
 from ..models.projector import BitDanceProjector
 from ..utils.attention_masks import additive_mask, block_causal_allowed
 from ..utils.token_layout import patch_size_for_block, sequence_to_grid
+from ..utils.cuda_graphs import CUDAGraphRunner
 from .block_sampling import BlockAutoregressiveMixin
 
 
@@ -233,11 +234,29 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         )
         return output.last_hidden_state[:, -self.config.block_size :]
 
-    def prefill(self, row_ids: list[list[int]], prefix_ids: list[int], device: torch.device):
+    def _graphed_language_model_step(self, cache: StaticCache):
+        """``_language_model_step`` over ``cache`` replayed from a CUDA graph (captured at the first block)."""
+        fill_counters = [layer.cumulative_length for layer in getattr(cache, "layers", [])]
+        if not all(isinstance(counter, torch.Tensor) for counter in fill_counters) or not fill_counters:
+            raise RuntimeError(
+                "CUDA graphs for the language model need a transformers StaticCache that counts its fill on the "
+                "device (transformers >= 5.24); upgrade transformers or call `enable_cuda_graphs(backbone=False)`."
+            )
+
+        def step(position_ids, attention_mask, inputs_embeds):
+            return self._language_model_step(cache, position_ids, attention_mask, inputs_embeds=inputs_embeds)
+
+        runner = CUDAGraphRunner(step, state=fill_counters)
+        return lambda cache, position_ids, mask, inputs_embeds: runner(position_ids, mask, inputs_embeds)
+
+    def prefill(
+        self, row_ids: list[list[int]], prefix_ids: list[int], device: torch.device, max_cache_len: int | None = None
+    ):
         """Run every row's prompt + image prefix as one left-padded batch.
 
         The prompt part is causal; the ``P`` positions ``[<|res_w|>, <|query_1..P-1|>]`` form the first bidirectional
-        block, whose outputs condition image block 0.
+        block, whose outputs condition image block 0. With ``max_cache_len`` the KV cache is a preallocated
+        ``StaticCache`` of that many positions (the mask then spans all of them); otherwise a growing ``DynamicCache``.
 
         Returns:
             ``(hidden [R, P, D], cache, key_padding [R, L] bool, lengths [R])``.
@@ -251,8 +270,12 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         key_padding = torch.arange(max_length, device=device)[None] < (max_length - lengths)[:, None]
         position_ids = (torch.arange(max_length, device=device)[None] - (max_length - lengths)[:, None]).clamp_min(0)
         allowed = block_causal_allowed(max_length - block_size, 1, block_size, device=device)[None] & ~key_padding[:, None]
+        if max_cache_len is None:
+            cache = DynamicCache(config=self.language_model.config)
+        else:
+            cache = StaticCache(config=self.language_model.config, max_cache_len=max_cache_len)
+            allowed = torch.cat([allowed, allowed.new_zeros(len(sequences), max_length, max_cache_len - max_length)], 2)
         mask = additive_mask(allowed, self.language_model.dtype).unsqueeze(1)
-        cache = DynamicCache(config=self.language_model.config)
         hidden = self._language_model_step(cache, position_ids, mask, input_ids=input_ids)
         return hidden, cache, key_padding, lengths
 
@@ -329,7 +352,11 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
 
         row_ids = self.encode_prompt(prompt, negative_prompt, self.do_classifier_free_guidance, num_images_per_prompt)
         num_images = len(row_ids) // (2 if self.do_classifier_free_guidance else 1)
-        hidden, cache, key_padding, lengths = self.prefill(row_ids, self.image_prefix_ids(height, width), device)
+        prefix_ids = self.image_prefix_ids(height, width)
+        max_cache_len = None
+        if self._static_kv_cache:
+            max_cache_len = max(len(ids) for ids in row_ids) + len(prefix_ids) + (num_blocks - 1) * block_size
+        hidden, cache, key_padding, lengths = self.prefill(row_ids, prefix_ids, device, max_cache_len)
 
         # Fixed 2-D sin-cos position of every image token (float32), added to the head condition and to the
         # embedding of the same block's tokens when they are fed back.
@@ -338,14 +365,27 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         block_offsets = torch.arange(block_size, device=device)
         num_rows = len(row_ids)
 
+        # Every cached real token and the whole new block are visible; left padding (and, in a static cache, the
+        # positions not yet written) is not.
+        visible = ~key_padding
+        if max_cache_len is not None:
+            visible = torch.cat([visible, visible.new_zeros(num_rows, max_cache_len - visible.shape[1])], 1)
+        language_model_step = self._language_model_step
+        if max_cache_len is not None and self._cuda_graphs:
+            language_model_step = self._graphed_language_model_step(cache)
+
         def feed_block(tokens: torch.Tensor, block: int) -> torch.Tensor:
+            nonlocal visible
             block_positions = positions[block * block_size : (block + 1) * block_size]
             embeds = (self.projector(tokens).float() + block_positions).to(lm_dtype)
             position_ids = lengths[:, None] + block * block_size + block_offsets
-            # Every cached real token and the whole new block are visible; left padding is not.
-            visible = torch.cat([~key_padding, key_padding.new_ones(num_rows, (block + 1) * block_size)], 1)
+            start = key_padding.shape[1] + block * block_size
+            if max_cache_len is None:
+                visible = torch.cat([visible, visible.new_ones(num_rows, block_size)], 1)
+            else:
+                visible[:, start : start + block_size] = True
             mask = additive_mask(visible[:, None, None, :], lm_dtype)
-            hidden = self._language_model_step(cache, position_ids, mask, inputs_embeds=embeds)
+            hidden = language_model_step(cache, position_ids, mask, inputs_embeds=embeds)
             return hidden.float() + positions[(block + 1) * block_size : (block + 2) * block_size]
 
         latents = self.sample_blocks(

@@ -1,8 +1,9 @@
-"""Replay a module's forward from CUDA graphs: one graph per input shape, captured on first use.
+"""Replay forwards from CUDA graphs: one graph per input shape, captured on first use.
 
-The diffusion head runs ``N + 1`` times per autoregressive block on inputs of one fixed shape; in eager mode each call
-launches a few hundred small kernels, so at batch 1 the GPU waits on the CPU. A captured graph launches them all at
-once. Inputs are copied into the graph's static buffers, so callers pass ordinary tensors.
+The diffusion head runs ``N + 1`` times per autoregressive block on inputs of one fixed shape, and the language model
+once per block over a static KV cache; in eager mode each call launches hundreds of small kernels (about a thousand
+for a 40-layer language model), so at batch 1 the GPU waits on the CPU. A captured graph launches them all at once.
+Inputs are copied into the graph's static buffers, so callers pass ordinary tensors.
 """
 
 import torch
@@ -15,19 +16,30 @@ class CUDAGraphRunner:
     graph's output buffer, safe to keep across calls.
     """
 
-    def __init__(self, module: torch.nn.Module, warmup_calls: int = 2):
+    def __init__(self, module, warmup_calls: int = 2, state: list[torch.Tensor] | None = None):
+        """
+        Args:
+            module: the callable to capture (a module or a function of tensors).
+            warmup_calls: eager calls before the capture (on a side stream, as CUDA graphs require).
+            state: tensors the call updates in place (e.g. a static KV cache's fill counters); their values are
+                restored after the warm-up calls, so capturing does not advance them.
+        """
         self.module = module
         self.warmup_calls = warmup_calls
+        self.state = state or []
         self.graphs = {}
 
     def _capture(self, tensors: tuple, options: dict):
         static_inputs = [tensor.clone() for tensor in tensors]
+        saved_state = [tensor.clone() for tensor in self.state]
         side_stream = torch.cuda.Stream()
         side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side_stream):  # warm-up outside the graph: cuBLAS handles, lazy initialisation
             for _ in range(self.warmup_calls):
                 self.module(*static_inputs, **options)
         torch.cuda.current_stream().wait_stream(side_stream)
+        for tensor, saved in zip(self.state, saved_state):
+            tensor.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_output = self.module(*static_inputs, **options)
