@@ -2,6 +2,8 @@
 
     bitdance generate --prompt "a red fox in the snow" --output fox.png [--model FOLDER]
     bitdance convert t2i --checkpoint_path BitDance-14B-64x --dump_path BitDance-14B-64x-diffusers
+    bitdance convert imagenet --checkpoint_path BitDance_B_4x.pt --dump_path BitDance-B-4x-diffusers \
+        --vae_checkpoint_path ae_d16c32.pt
 """
 
 import argparse

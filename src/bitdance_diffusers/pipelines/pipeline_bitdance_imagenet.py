@@ -1,6 +1,7 @@
 """BitDanceImageNetPipeline: class-conditional generation with the BitDance ImageNet models (B/L/H, 1x/4x/16x)."""
 
 import difflib
+from collections import defaultdict
 from typing import Any, Callable
 
 import torch
@@ -72,12 +73,23 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         if id2label is None and transformer is not None and transformer.config.num_classes == len(IMAGENET_ID2LABEL):
             id2label = IMAGENET_ID2LABEL
-        # name -> id for every comma-separated synonym, as diffusers' DiTPipeline.
-        self.labels = {}
-        for key, value in (id2label or {}).items():
-            for name in value.split(","):
-                self.labels[name.strip()] = int(key)
-        self.labels = dict(sorted(self.labels.items()))
+        self._id2label = {int(key): value for key, value in (id2label or {}).items()}
+        # name -> id for every comma-separated synonym, as diffusers' DiTPipeline. A name shared by several classes
+        # goes to the class it is the first name of, if that is a single one ("harp" -> 594, not "harmonica, ...,
+        # harp"); otherwise it is ambiguous ("crane" is a bird and a machine) and must be given as an id.
+        synonyms, first_names = defaultdict(set), defaultdict(set)
+        for key, value in self._id2label.items():
+            names = [name.strip() for name in value.split(",")]
+            first_names[names[0]].add(key)
+            for name in names:
+                synonyms[name].add(key)
+        self.labels, self._ambiguous_labels = {}, {}
+        for name, ids in sorted(synonyms.items()):
+            candidates = ids if len(ids) == 1 else ids & first_names[name]
+            if len(candidates) == 1:
+                self.labels[name] = next(iter(candidates))
+            else:
+                self._ambiguous_labels[name] = sorted(ids)
 
     # Properties read by callbacks and tests ----------------------------------------------------------------------
 
@@ -100,26 +112,35 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
     # Labels ----------------------------------------------------------------------------------------------------
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Class ids of ImageNet label names (any of a class's comma-separated synonyms; case-insensitive).
+        """Class ids of label names: any comma-separated synonym of a class in ``id2label``, case-insensitive.
 
-        Example: ``pipe.get_label_ids(["golden retriever", "volcano"])`` -> ``[207, 980]``.
+        Example: ``pipe.get_label_ids(["golden retriever", "volcano"])`` -> ``[207, 980]``. `labels` lists the
+        accepted names.
         """
         labels = [label] if isinstance(label, str) else list(label)
         if not self.labels:
             raise ValueError("This pipeline has no label names (no id2label); pass integer class ids instead.")
-        names = {name.lower(): name for name in self.labels}
-        ids = []
-        for label_name in labels:
-            key = label_name.strip().lower()
-            if key not in names:
-                close = [names[match] for match in difflib.get_close_matches(key, names, n=3)]
-                hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
-                raise ValueError(
-                    f"Unknown label name {label_name!r}.{hint} `pipe.labels` lists every accepted name; integer class "
-                    f"ids 0..{self.transformer.config.num_classes - 1} work too."
-                )
-            ids.append(self.labels[names[key]])
-        return ids
+        return [self._label_id(name) for name in labels]
+
+    def _label_id(self, label: str) -> int:
+        name = label.strip()
+        if name not in self.labels and name not in self._ambiguous_labels:
+            # Case-insensitive fallback; exact case still tells "Cardigan" (the corgi) from "cardigan" (the sweater).
+            matches = [known for known in (*self.labels, *self._ambiguous_labels) if known.lower() == name.lower()]
+            if len(matches) > 1:
+                raise ValueError(f"Label name {label!r} matches {matches}; use the exact case or a class id.")
+            name = matches[0] if matches else name
+        if name in self.labels:
+            return self.labels[name]
+        if name in self._ambiguous_labels:
+            classes = "; ".join(f"{index}: {self._id2label[index]}" for index in self._ambiguous_labels[name])
+            raise ValueError(f"Label name {label!r} names several classes ({classes}); pass the class id instead.")
+        close = difflib.get_close_matches(name.lower(), [known.lower() for known in self.labels], n=3)
+        hint = f" Did you mean {', '.join(repr(match) for match in close)}?" if close else ""
+        raise ValueError(
+            f"Unknown label name {label!r}.{hint} `pipe.labels` lists every accepted name; integer class ids "
+            f"0..{self.transformer.config.num_classes - 1} work too."
+        )
 
     def resolve_class_labels(self, class_labels: int | str | list[int | str] | torch.Tensor) -> list[int]:
         """Class ids of ``class_labels`` (ids and/or label names), checked against the model's class count."""
