@@ -136,6 +136,9 @@ class BlockAutoregressiveMixin:
                     continue
                 block_slice = slice(block * block_size, (block + 1) * block_size)
                 rows = condition.shape[0]
+                # Quirk of the original ImageNet sampler, kept: when a block's scale is exactly 1 (block 0 of the
+                # linear schedule) it samples the conditional and unconditional rows as independent samples (noise for
+                # all rows), and each branch then continues from its own tokens.
                 guided = guidance_scales[block] > 1.0 and rows > num_images
                 sampled_rows = num_images if guided else rows
                 block_generator = generator * (sampled_rows // num_images) if isinstance(generator, list) else generator
@@ -162,7 +165,7 @@ class BlockAutoregressiveMixin:
                     own_rows = latents[:, block_slice]
                     if guided or rows == num_images:
                         row_tokens = own_rows.repeat(rows // num_images, 1, 1)
-                    else:
+                    else:  # the unguided 2-branch block above: the unconditional rows keep their own tokens
                         row_tokens = torch.cat([own_rows, tokens[num_images:]])
                     condition = feed_block(row_tokens, block)
                 progress_bar.update()
