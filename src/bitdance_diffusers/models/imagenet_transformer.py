@@ -277,9 +277,9 @@ class BitDanceImageNetTransformer(ModelMixin, AttentionMixin, ConfigMixin):
             )
         # Causal over the class tokens, then bidirectional blocks of P starting at the last class token.
         num_blocks = (end - self.config.num_class_tokens + 1) // block_size
-        allowed = block_causal_allowed(self.config.num_class_tokens - 1, num_blocks, block_size, hidden_states.device)
-        allowed = allowed[past:end]
-        attention_mask = None if bool(allowed.all()) else allowed[None, None]
+        # Built on the CPU: a cached block step sees everything and then needs no mask (and no device sync).
+        allowed = block_causal_allowed(self.config.num_class_tokens - 1, num_blocks, block_size)[past:end]
+        attention_mask = None if bool(allowed.all()) else allowed[None, None].to(hidden_states.device)
         rotary = self._rotary(past, end, hidden_states.device)
 
         for index, layer in enumerate(self.layers):
