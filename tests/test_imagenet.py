@@ -206,12 +206,15 @@ def test_label_names_are_accepted(tiny_imagenet):
         tiny_imagenet.get_label_ids("CARDIGAN")
     by_name = run(tiny_imagenet, ["golden retriever", 980], generator=generator(1))
     assert torch.equal(by_name, run(tiny_imagenet, [207, 980], generator=generator(1)))
-    assert torch.equal(run(tiny_imagenet, "volcano", generator=generator(2)), run(tiny_imagenet, 980, generator=generator(2)))
+    by_one_name = run(tiny_imagenet, "volcano", generator=generator(2))
+    assert torch.equal(by_one_name, run(tiny_imagenet, 980, generator=generator(2)))
+    from_array = run(tiny_imagenet, np.array([5, 7]), generator=generator(4))
+    assert torch.equal(from_array, run(tiny_imagenet, [5, 7], generator=generator(4)))
 
 
 def test_errors_name_the_fix(tiny_imagenet):
-    with pytest.raises(ValueError, match=r"Unknown label name 'golden retreiver'\. Did you mean 'golden retriever'"):
-        run(tiny_imagenet, ["golden retreiver"])
+    with pytest.raises(ValueError, match=r"Unknown label name 'labrador retreiver'\. Did you mean 'Labrador retriever'"):
+        run(tiny_imagenet, ["labrador retreiver"])
     for bad in ([1000], [-1], [3, 1200]):
         with pytest.raises(ValueError, match=r"outside \[0, 999\]"):
             run(tiny_imagenet, bad)
@@ -294,7 +297,8 @@ def test_cli_help_and_conversion_log(tmp_path):
          "--num_attention_heads", "1"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert "dropped BitDance_tiny_imagenet_1x.pt:ema:vae.encoder.conv_in.weight: replaced by --vae_checkpoint_path" in result.stderr
+    replaced = "dropped BitDance_tiny_imagenet_1x.pt:ema:vae.encoder.conv_in.weight: replaced by --vae_checkpoint_path"
+    assert replaced in result.stderr
     assert "dropped BitDance_tiny_imagenet_1x.pt:model: --weights ema selected" in result.stderr
     transformer = load_file(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(tensor.dtype == torch.bfloat16 for tensor in transformer.values())
@@ -311,7 +315,8 @@ def test_every_source_tensor_is_accounted_for(tmp_path):
     assert {reason for key, reason in report.dropped.items() if ":ema:vae." in key} == {
         "replaced by --vae_checkpoint_path, as the original sampler does"
     }
-    assert report.mapped["BitDance_tiny_imagenet_1x.pt:ema:layers.1.attention.wqkv.weight"] == "layers.1.attention.wqkv.weight"
+    wqkv = "layers.1.attention.wqkv.weight"
+    assert report.mapped[f"BitDance_tiny_imagenet_1x.pt:ema:{wqkv}"] == wqkv
 
 
 def test_weights_choose_ema_or_model(converted, tmp_path):

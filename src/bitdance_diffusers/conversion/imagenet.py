@@ -66,7 +66,9 @@ def load_torch_checkpoint(path: str | Path, what: str, allow_unsafe_pickle: bool
                 "If you trust this file, pass --allow_unsafe_pickle (unpickling can run arbitrary code)."
             ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
-        raise ConversionError(f"Cannot read {path} as a torch checkpoint ({error}); the file is corrupt or not a .pt file.") from error
+        raise ConversionError(
+            f"Cannot read {path} as a torch checkpoint ({error}); the file is corrupt or not a .pt file."
+        ) from error
     logger.warning("Loading %s with torch.load(weights_only=False): this executes code stored in the pickle.", path)
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -82,11 +84,15 @@ def select_weights(checkpoint, weights: str, source: str, report: ConversionRepo
         )
     if weights not in checkpoint:
         other = next(name for name in WEIGHTS if name != weights)
-        raise ConversionError(f"{source} has no {weights!r} weights (entries: {sorted(checkpoint)}); pass --weights {other}.")
+        raise ConversionError(
+            f"{source} has no {weights!r} weights (entries: {sorted(checkpoint)}); pass --weights {other}."
+        )
     for key in checkpoint:
         if key != weights:
-            reason = f"--weights {weights} selected" if key in WEIGHTS else EXTRA_ENTRY_REASONS.get(key, "not model weights")
-            report.drop(f"{source}:{key}", reason)
+            if key in WEIGHTS:
+                report.drop(f"{source}:{key}", f"--weights {weights} selected")
+            else:
+                report.drop(f"{source}:{key}", EXTRA_ENTRY_REASONS.get(key, "not model weights"))
     state_dict = checkpoint[weights]
     if not isinstance(state_dict, dict) or "cls_embedding.weight" not in state_dict:
         raise ConversionError(
@@ -173,7 +179,8 @@ def load_separate_vae(path: str, report: ConversionReport, dtype: torch.dtype | 
         if key.startswith(("encoder.", "decoder.")):
             tokenizer_weights[key] = tensor
         else:
-            report.drop(f"{source}:state_dict.{key}", "not part of the encoder/decoder (the original loads with strict=False)")
+            reason = "not part of the encoder/decoder (the original loads this file with strict=False)"
+            report.drop(f"{source}:state_dict.{key}", reason)
     return build_vae(tokenizer_weights, f"{source}:state_dict", report, dtype)
 
 

@@ -139,7 +139,10 @@ class ImageNetTransformerBlock(nn.Module):
         self.feed_forward = SwiGLU(dim, feed_forward_hidden, dim, bias=False)
 
     def forward(self, x, rotary, attention_mask, past_key_values, layer_index, attention_kwargs=None):
-        x = x + self.attention(self.attention_norm(x), rotary, attention_mask, past_key_values, layer_index, attention_kwargs)
+        attention = self.attention(
+            self.attention_norm(x), rotary, attention_mask, past_key_values, layer_index, attention_kwargs
+        )
+        x = x + attention
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -185,7 +188,9 @@ class BitDanceImageNetTransformer(ModelMixin, AttentionMixin, ConfigMixin):
         super().__init__()
         patch_size = patch_size_for_block(block_size)
         if sample_size % patch_size:
-            raise ValueError(f"A {sample_size}x{sample_size} latent grid does not split into blocks of {block_size} tokens.")
+            raise ValueError(
+                f"A {sample_size}x{sample_size} latent grid does not split into blocks of {block_size} tokens."
+            )
         self.cls_embedding = nn.Embedding(num_classes + 1, num_class_tokens * hidden_size)
         if block_size > 1:
             self.query_token = nn.Parameter(torch.zeros(1, block_size - 1, hidden_size))
@@ -257,7 +262,8 @@ class BitDanceImageNetTransformer(ModelMixin, AttentionMixin, ConfigMixin):
         inputs = []
         if class_labels is not None:
             if bool(((class_labels < 0) | (class_labels > self.config.num_classes)).any()):
-                raise ValueError(f"class_labels must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null).")
+                num_classes = self.config.num_classes
+                raise ValueError(f"class_labels must lie in [0, {num_classes}] ({num_classes} = the null class).")
             classes = self.cls_embedding(class_labels).unflatten(-1, (self.config.num_class_tokens, -1))
             inputs.append(classes)
             if self.config.block_size > 1:

@@ -1,9 +1,11 @@
 """BitDanceImageNetPipeline: class-conditional generation with the BitDance ImageNet models (B/L/H, 1x/4x/16x)."""
 
 import difflib
+import numbers
 from collections import defaultdict
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -135,16 +137,17 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         if name in self._ambiguous_labels:
             classes = "; ".join(f"{index}: {self._id2label[index]}" for index in self._ambiguous_labels[name])
             raise ValueError(f"Label name {label!r} names several classes ({classes}); pass the class id instead.")
-        close = difflib.get_close_matches(name.lower(), [known.lower() for known in self.labels], n=3)
+        by_lowercase = {known.lower(): known for known in self.labels}
+        close = [by_lowercase[match] for match in difflib.get_close_matches(name.lower(), by_lowercase, n=3)]
         hint = f" Did you mean {', '.join(repr(match) for match in close)}?" if close else ""
         raise ValueError(
             f"Unknown label name {label!r}.{hint} `pipe.labels` lists every accepted name; integer class ids "
             f"0..{self.transformer.config.num_classes - 1} work too."
         )
 
-    def resolve_class_labels(self, class_labels: int | str | list[int | str] | torch.Tensor) -> list[int]:
+    def resolve_class_labels(self, class_labels: int | str | list[int | str] | torch.Tensor | np.ndarray) -> list[int]:
         """Class ids of ``class_labels`` (ids and/or label names), checked against the model's class count."""
-        if isinstance(class_labels, torch.Tensor):
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             class_labels = class_labels.reshape(-1).tolist()
         items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
         if not items:
@@ -153,8 +156,8 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         for item in items:
             if isinstance(item, str):
                 ids.extend(self.get_label_ids(item))
-            elif isinstance(item, int) and not isinstance(item, bool):
-                ids.append(item)
+            elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
+                ids.append(int(item))
             else:
                 raise ValueError(f"`class_labels` entries must be int class ids or label names, got {item!r}.")
         num_classes = self.transformer.config.num_classes
