@@ -1,0 +1,135 @@
+"""The diffusers workflows users reach for: Hub ids from the cache, dtypes, variants, compile, attention backends,
+and the data-parallel dataset generation script."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bitdance_diffusers import BitDancePipeline
+from bitdance_diffusers.random_pipeline import build_random_pipeline
+from conftest import REPO
+
+
+KWARGS = dict(height=128, width=128, num_inference_steps=2, guidance_scale=3.0, output_type="latent")
+
+
+def codes(pipe, prompt="a red circle", seed=0):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **KWARGS).images
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    build_random_pipeline("tiny").save_pretrained(folder)
+    return folder
+
+
+def test_hub_id_loads_offline_from_the_cache(saved_tiny, tmp_path):
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--someone--bitdance-tiny-diffusers"
+    shutil.copytree(saved_tiny, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = (
+        "import bitdance_diffusers\nfrom diffusers import DiffusionPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained('someone/bitdance-tiny-diffusers')\n"
+        "print(type(pipe).__name__, pipe.config.block_size)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["BitDancePipeline", "16"]
+
+
+def test_torch_dtype_single_and_per_component(saved_tiny):
+    pipe = BitDancePipeline.from_pretrained(saved_tiny, torch_dtype=torch.bfloat16)
+    assert {pipe.language_model.dtype, pipe.diffusion_head.dtype, pipe.vae.dtype} == {torch.bfloat16}
+    pipe = BitDancePipeline.from_pretrained(
+        saved_tiny, torch_dtype={"language_model": torch.bfloat16, "default": torch.float32}
+    )
+    assert pipe.language_model.dtype == torch.bfloat16 and pipe.diffusion_head.dtype == torch.float32
+    pipe.set_progress_bar_config(disable=True)
+    assert codes(pipe).abs().eq(1).all()
+
+
+def test_variant_and_low_cpu_mem_usage_round_trip(saved_tiny, tmp_path):
+    reference = BitDancePipeline.from_pretrained(saved_tiny)
+    reference.save_pretrained(tmp_path / "variant", variant="v2")
+    files = {path.name for path in (tmp_path / "variant").rglob("*.safetensors")}
+    assert "diffusion_pytorch_model.v2.safetensors" in files and "model.v2.safetensors" in files
+    for low_cpu_mem_usage in (True, False):
+        pipe = BitDancePipeline.from_pretrained(tmp_path / "variant", variant="v2", low_cpu_mem_usage=low_cpu_mem_usage)
+        for name in ("language_model", "projector", "diffusion_head", "vae"):
+            loaded, original = getattr(pipe, name).state_dict(), getattr(reference, name).state_dict()
+            assert all(torch.equal(loaded[key], original[key]) for key in original), name
+
+
+def test_compile_repeated_blocks_without_graph_breaks(tiny_pipe):
+    eager = codes(tiny_pipe)
+    head = tiny_pipe.diffusion_head
+    try:
+        head.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        assert codes(tiny_pipe).equal(eager)
+    finally:
+        for block in head.res_blocks:
+            block._compiled_call_impl = None  # back to eager for the other tests of the session
+
+
+def test_attention_backends_of_the_head(tiny_pipe):
+    head = tiny_pipe.diffusion_head
+    sample, t, condition = torch.randn(2, 16, 32), torch.rand(2), torch.randn(2, 16, 64)
+    with torch.no_grad():
+        native = head(sample, t, condition)
+        head.set_attention_backend("_native_math")
+        try:
+            math = head(sample, t, condition)
+        finally:
+            head.reset_attention_backend()
+    assert (native - math).abs().max() < 1e-5
+    with pytest.raises(ValueError):
+        head.set_attention_backend("no-such-backend")
+
+
+@pytest.mark.parametrize("suffix", ["txt", "json", "jsonl"])
+def test_dataset_generation_reads_prompt_files(tmp_path, suffix):
+    sys.path.insert(0, str(REPO / "examples"))
+    from generate_dataset import read_prompts
+
+    prompts = ["a red circle", "a blue square"]
+    path = tmp_path / f"prompts.{suffix}"
+    if suffix == "txt":
+        path.write_text("\n".join(prompts) + "\n\n")
+    elif suffix == "json":
+        path.write_text(json.dumps([{"prompt": p, "tag": "x"} for p in prompts]))
+    else:
+        path.write_text("\n".join(json.dumps({"prompt": p, "include": []}) for p in prompts))
+    assert [record["prompt"] for record in read_prompts(str(path))] == prompts
+    path.write_text(json.dumps([{"text": "no prompt field"}]) if suffix != "txt" else "")
+    if suffix != "txt":
+        with pytest.raises(ValueError, match="has no 'prompt'"):
+            read_prompts(str(path))
+
+
+def test_dataset_generation_two_processes_and_resume(saved_tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"prompt number {i}", "tag": i}) for i in range(3)))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "examples" / "generate_dataset.py"),
+        "--model", str(saved_tiny), "--prompts", str(prompts), "--output_dir", str(tmp_path / "out"),
+        "--images_per_prompt", "2", "--height", "64", "--width", "64", "--steps", "1", "--dtype", "fp32",
+    ]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, check=True)
+    pngs = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png"))
+    assert pngs == [f"{i:05d}/{k:04d}.png" for i in range(3) for k in range(2)]
+    assert "process 0/2: 2 of 2 prompts" in first.stdout and "process 1/2: 1 of 1 prompts" in first.stdout
+    assert json.loads((tmp_path / "out" / "00002" / "metadata.jsonl").read_text())["seeds"] == [4, 5]
+
+    (tmp_path / "out" / "00001" / "0001.png").unlink()
+    second = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "process 0/2: 0 of 2 prompts" in second.stdout and "process 1/2: 1 of 1 prompts" in second.stdout
+    assert (tmp_path / "out" / "00001" / "0001.png").exists()
