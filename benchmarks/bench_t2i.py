@@ -9,7 +9,7 @@ steps, head sampling, decode, and the rest: orchestration, masks, caches, Python
 
 * CPU: the pure forward times of the language model (prefill and every block step), the head (at the pipeline's
   batch shape, timed over two blocks' worth of calls and scaled to the run's call count) and the decoder, each timed
-  in isolation in the same process.
+  in isolation in the same process. With ``--repeats n`` the run and each isolated part keep their best of n.
 * GPU: per forward, the larger of (weight bytes / measured copy bandwidth) and (matmul FLOPs / measured bf16 matmul
   rate), summed over the language-model forwards (embedding table excluded: it is gathered, not read) and the head
   calls, plus the decoder's isolated time.
@@ -19,15 +19,19 @@ steps, head sampling, decode, and the rest: orchestration, masks, caches, Python
 """
 
 import argparse
-import datetime
-import json
-import platform
-import resource
-import statistics
 import time
 from contextlib import contextmanager
 
 import torch
+from bench_utils import (
+    append_rows,
+    measure_gpu_ceilings,
+    module_bytes,
+    module_matmul_params,
+    peak_memory_gb,
+    print_table,
+    synchronize,
+)
 
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 
@@ -35,17 +39,6 @@ from bitdance_diffusers.random_pipeline import build_random_pipeline
 CONFIGS = {"tiny": ("tiny", 16), "small": ("small", 64), "14b-16x": ("14b", 16), "14b-64x": ("14b", 64)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPT = "a photo of a red fox sitting in fresh snow at sunrise, highly detailed"
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process lifetime peak
 
 
 class Recorder:
@@ -132,41 +125,6 @@ def timed_generate(pipe, args, device, **kwargs) -> float:
 # Floors ------------------------------------------------------------------------------------------------------------
 
 
-def measure_gpu_ceilings(device) -> tuple[float, float]:
-    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), medians of repeated runs."""
-    source = torch.randn(2**28, device=device)  # 1 GiB
-    target = torch.empty_like(source)
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-
-    def median_time(function, repeats=10):
-        for _ in range(3):
-            function()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        samples = []
-        for _ in range(repeats):
-            start.record()
-            function()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(samples)
-
-    bandwidth = 2 * source.numel() * source.element_size() / median_time(lambda: target.copy_(source))
-    flops = 2 * 8192**3 / median_time(lambda: a @ b)
-    del source, target, a, b
-    torch.cuda.empty_cache()
-    return bandwidth, flops
-
-
-def module_bytes(module, skip: str | None = None) -> int:
-    return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if skip is None or skip not in n)
-
-
-def module_matmul_params(module, skip: str | None = None) -> int:
-    return sum(p.numel() for n, p in module.named_parameters() if p.ndim == 2 and (skip is None or skip not in n))
-
-
 def weight_sizes(pipe) -> dict:
     """Bytes read and matmul parameters per forward of the language model (embedding table excluded) and head."""
     return {
@@ -237,18 +195,6 @@ def cpu_floor(pipe, recorder, device) -> dict:
     return floors
 
 
-# Tables ------------------------------------------------------------------------------------------------------------
-
-
-def print_table(title: str, header: list[str], rows: list[list]):
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    print(f"\n{title}")
-    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
@@ -267,6 +213,8 @@ def main():
                         help="torchao float8 (dynamic activations or weight-only) for the language model and head")  # fmt: skip
     parser.add_argument("--scaling", action="store_true", help="also time head steps, batch sizes and guidance")
     parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time the run (and on CPU each isolated forward) this many times and keep the best")
     parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
     parser.add_argument("--save_images", default=None, help="save the generated images (a .pt tensor) here")
     parser.add_argument("--compare_to", default=None, help="report PSNR against images saved by --save_images")
@@ -302,7 +250,7 @@ def main():
     generate(pipe, args, steps=2)  # warm-up: kernels, cuBLAS handles, CUDA graph capture
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    total = timed_generate(pipe, args, device)
+    total = min(timed_generate(pipe, args, device) for _ in range(args.repeats))
     peak = peak_memory_gb(device)
 
     recorder = Recorder(pipe, device)
@@ -316,8 +264,9 @@ def main():
         floors = gpu_floor(pipe, sizes, recorder, bandwidth, flops_rate, parts["decode"])
         ceilings = f"copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s"
     else:
-        floors = cpu_floor(pipe, recorder, device)
-        ceilings = f"{torch.get_num_threads()} threads"
+        repeated = [cpu_floor(pipe, recorder, device) for _ in range(args.repeats)]
+        floors = {part: min(floor[part] for floor in repeated) for part in repeated[0]}
+        ceilings = f"{torch.get_num_threads()} threads, best of {args.repeats}"
     floor = sum(floors.values())
     overhead = total - sum(parts.values())
 
@@ -373,12 +322,7 @@ def main():
                                  for name, value, s, n in scaling]  # fmt: skip
 
     if args.json:
-        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-        with open(args.json, "a") as handle:
-            for result in results:
-                result.update(machine=machine, torch=torch.__version__, date=datetime.date.today().isoformat())
-                handle.write(json.dumps(result) + "\n")
-
+        append_rows(args.json, results, device)
 
 if __name__ == "__main__":
     main()

@@ -37,3 +37,16 @@ def test_cuda_graphs_refuse_cpu_tensors():
     pipe.disable_cuda_graphs()
     assert pipe("a red circle", height=128, width=128, num_inference_steps=1, output_type="latent").images.shape[0] == 1
 
+
+
+def test_imagenet_benchmark_prints_its_table(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    output = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_imagenet.py"), "--size", "tiny", "--block_size", "4", "--sample_size",
+         "4", "--batch", "2", "--steps", "2", "--batches", "1,2", "--json", str(results)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for part in ("total", "backbone", "head", "decode", "rest", "images/s against batch size"):
+        assert part in output, part
+    row = json.loads(results.read_text())
+    assert row["images_per_s"] > 0 and [entry["batch"] for entry in row["scaling"]] == [1, 2]

@@ -117,8 +117,8 @@ def test_bfloat16_runs_on_cpu(tiny_pipe):
 
 
 def test_model_cpu_offload_declaration(tiny_pipe):
-    assert tiny_pipe.model_cpu_offload_seq.split("->") == ["language_model", "projector", "vae"]
-    assert tiny_pipe._exclude_from_cpu_offload == ["diffusion_head"]
+    assert tiny_pipe.model_cpu_offload_seq.split("->") == ["language_model", "vae"]
+    assert tiny_pipe._exclude_from_cpu_offload == ["diffusion_head", "projector"]
 
 
 def test_errors_name_the_fix(tiny_pipe):

@@ -71,9 +71,11 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         image_sizes (`list[list[int]]`): supported ``[height, width]`` pairs.
     """
 
-    model_cpu_offload_seq = "language_model->projector->vae"
-    # The head runs num_inference_steps + 1 times per block: keep it on the accelerator instead of shuttling it.
-    _exclude_from_cpu_offload = ["diffusion_head"]
+    model_cpu_offload_seq = "language_model->vae"
+    # Every block runs the projector, the language model and the head (num_inference_steps + 1 times): offloading
+    # any of them would shuttle the language model in and out once per block. The head and the small projector stay
+    # on the accelerator; the language model leaves it only for the decode.
+    _exclude_from_cpu_offload = ["diffusion_head", "projector"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(

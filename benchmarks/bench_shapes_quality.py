@@ -1,0 +1,75 @@
+"""Quality of the shipped shapes model, measured with the pixel detector of the synthetic set.
+
+    python benchmarks/bench_shapes_quality.py [--model FOLDER] [--num_prompts 100] [--json rows.jsonl]
+
+Over held-out prompts (scenes of a seed never used in training): the fraction of images whose dominant object colour
+and position (3x3 grid) match the prompt, and the background colour; and the tokenizer's reconstruction PSNR on
+held-out images.
+"""
+
+import argparse
+import datetime
+import json
+import time
+
+import torch
+
+from bitdance_diffusers import BitDancePipeline
+from bitdance_diffusers.training import ShapesDataset, psnr
+from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, HELD_OUT_SEED
+from bitdance_diffusers.training.shapes_detector import detect_shape
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEMO_MODEL_PATH))
+    parser.add_argument("--num_prompts", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    pipe = BitDancePipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    resolution = pipe.config.image_sizes[0][0]
+    held_out = ShapesDataset(args.num_prompts, resolution=resolution, seed=HELD_OUT_SEED, max_objects=1)
+
+    hits = {"color": 0, "position": 0, "background": 0}
+    start = time.perf_counter()
+    for first in range(0, args.num_prompts, args.batch_size):
+        indices = range(first, min(first + args.batch_size, args.num_prompts))
+        scenes = [held_out.scene(i) for i in indices]
+        images = pipe([scene.caption() for scene in scenes], height=resolution, width=resolution,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt",
+                      generator=[torch.Generator().manual_seed(i) for i in indices]).images  # fmt: skip
+        for scene, image in zip(scenes, images):
+            detection = detect_shape(image * 2 - 1)
+            hits["color"] += detection.color == scene.objects[0].color
+            hits["position"] += detection.position == scene.objects[0].position
+            hits["background"] += detection.background == scene.background
+    seconds = time.perf_counter() - start
+
+    with torch.no_grad():
+        originals = torch.stack([held_out[i]["pixel_values"] for i in range(args.num_prompts)])
+        reconstructions = torch.cat([pipe.vae.decode(pipe.vae.encode(chunk).codes).sample for chunk in originals.split(20)])
+    tokenizer_psnr = float(psnr(reconstructions, originals).mean())
+
+    row = {name: count / args.num_prompts for name, count in hits.items()}
+    row.update(tokenizer_psnr_db=tokenizer_psnr, prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
+               seconds_per_image=seconds / args.num_prompts, model=args.model, torch=torch.__version__,
+               date=datetime.date.today().isoformat())  # fmt: skip
+    print(f"\nshapes quality over {args.num_prompts} held-out prompts ({args.steps} steps, CFG {args.guidance})")
+    print("metric               value    target")
+    print(f"colour correct       {row['color']:.2f}     >= 0.90")
+    print(f"position correct     {row['position']:.2f}     >= 0.80")
+    print(f"background correct   {row['background']:.2f}")
+    print(f"tokenizer PSNR (dB)  {tokenizer_psnr:.2f}")
+    print(f"seconds per image    {row['seconds_per_image']:.3f}")
+    if args.json:
+        with open(args.json, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Helpers shared by the benchmark scripts: device synchronisation, peak memory, GPU ceilings, tables, JSON rows."""
+
+import datetime
+import json
+import platform
+import resource
+import statistics
+
+import torch
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process lifetime peak
+
+
+def measure_gpu_ceilings(device) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), medians of repeated runs."""
+    source = torch.randn(2**28, device=device)  # 1 GiB
+    target = torch.empty_like(source)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+
+    def median_time(function, repeats=10):
+        for _ in range(3):
+            function()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(repeats):
+            start.record()
+            function()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(samples)
+
+    bandwidth = 2 * source.numel() * source.element_size() / median_time(lambda: target.copy_(source))
+    flops = 2 * 8192**3 / median_time(lambda: a @ b)
+    del source, target, a, b
+    torch.cuda.empty_cache()
+    return bandwidth, flops
+
+
+def module_bytes(module, skip: str | None = None) -> int:
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if skip is None or skip not in n)
+
+
+def module_matmul_params(module, skip: str | None = None) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if p.ndim == 2 and (skip is None or skip not in n))
+
+
+def print_table(title: str, header: list[str], rows: list[list]):
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    print(f"\n{title}")
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def cpu_name() -> str:
+    """The CPU model with the number of cores torch uses, e.g. ``"AMD EPYC 9B14 (2 threads)"``."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            name = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def append_rows(path: str, rows: list[dict], device: torch.device):
+    """Append ``rows`` as JSON lines, each with the machine, the torch version and the date."""
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    with open(path, "a") as handle:
+        for row in rows:
+            row.update(machine=machine, torch=torch.__version__, date=datetime.date.today().isoformat())
+            handle.write(json.dumps(row) + "\n")
