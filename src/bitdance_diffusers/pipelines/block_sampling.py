@@ -81,6 +81,23 @@ class BlockAutoregressiveMixin:
     _cuda_graphs = False  # the backbone's block step too, where the pipeline supports it
     _static_kv_cache = False
 
+    # Read by callbacks (``pipe.guidance_scale``, ``pipe.num_timesteps`` = number of blocks, ...).
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
     def enable_cuda_graphs(self, backbone: bool = True):
         r"""
         Replay the diffusion head, and with ``backbone`` the backbone's block step over a preallocated static KV cache

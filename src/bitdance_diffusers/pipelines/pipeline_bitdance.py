@@ -123,27 +123,11 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
                 )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-    # Properties read by callbacks and tests ----------------------------------------------------------------------
-
-    @property
-    def guidance_scale(self):
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self):
-        return self._guidance_scale > 1.0
-
-    @property
-    def num_timesteps(self):
-        return self._num_timesteps
+    # Properties read by callbacks ----------------------------------------------------------------------------------
 
     @property
     def attention_kwargs(self):
         return self._attention_kwargs
-
-    @property
-    def interrupt(self):
-        return self._interrupt
 
     # Prompt ----------------------------------------------------------------------------------------------------
 

@@ -93,24 +93,6 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
             else:
                 self._ambiguous_labels[name] = sorted(ids)
 
-    # Properties read by callbacks and tests ----------------------------------------------------------------------
-
-    @property
-    def guidance_scale(self):
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self):
-        return self._guidance_scale > 1.0
-
-    @property
-    def num_timesteps(self):
-        return self._num_timesteps
-
-    @property
-    def interrupt(self):
-        return self._interrupt
-
     # Labels ----------------------------------------------------------------------------------------------------
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
