@@ -10,6 +10,8 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    # The shapes demo model (the offline default of `bitdance generate`) ships inside the package.
+    package_data={"bitdance_diffusers": ["pretrained/*/*.json", "pretrained/*/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

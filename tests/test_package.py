@@ -46,6 +46,11 @@ def test_command_line_generates_offline(tmp_path):
     )  # fmt: skip
     assert "tiny randomly initialised" in result.stderr
     assert Image.open(output).size == (256, 256)
+
+
+def test_command_line_help():
+    generate_help = subprocess.run(["bitdance", "generate", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--prompt" in generate_help and "--model" in generate_help
     help_text = subprocess.run(["bitdance", "convert", "tokenizer", "--help"], capture_output=True, text=True).stdout
     assert "--checkpoint_path" in help_text and "--config_path" in help_text
 

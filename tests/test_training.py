@@ -17,6 +17,8 @@ from bitdance_diffusers.training import (
     train_text_to_image,
     train_tokenizer,
 )
+from bitdance_diffusers.training.demo import DemoConfig, train_shapes_demo
+from bitdance_diffusers.training.shapes_detector import detect_shape
 from bitdance_diffusers.utils.token_layout import grid_to_sequence
 
 
@@ -122,3 +124,23 @@ def test_shapes_dataset_is_deterministic_and_captioned():
     item = first[0]
     assert item["pixel_values"].shape == (3, 64, 64) and item["pixel_values"].min() >= -1
     assert " background" in item["caption"] and item["caption"].startswith("a ")
+
+
+def test_shapes_detector_reads_rendered_scenes():
+    dataset = ShapesDataset(60, resolution=128, seed=11, max_objects=1)
+    for index in range(60):
+        scene, detection = dataset.scene(index), detect_shape(dataset[index]["pixel_values"])
+        assert (detection.color, detection.position, detection.background) == (
+            scene.objects[0].color, scene.objects[0].position, scene.background
+        ), scene.caption()
+
+
+def test_demo_recipe_runs_end_to_end(tmp_path):
+    config = DemoConfig(num_images=16, tokenizer_resolution=64)
+    steps = dict(max_steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, output_dir="")
+    train_shapes_demo(str(tmp_path), TrainingConfig(**steps), TrainingConfig(**steps), config)
+    pipe = BitDancePipeline.from_pretrained(tmp_path / "pipeline")
+    assert pipe.tokenizer.convert_tokens_to_ids("<|query_15|>") != pipe.tokenizer.unk_token_id
+    assert len(pipe.tokenizer.tokenize("a small red circle at the top left")) < 12  # real BPE merges, not bytes
+    image = pipe("a small red circle at the top left on a blue background", num_inference_steps=1, output_type="pt")
+    assert image.images.shape == (1, 3, 128, 128)

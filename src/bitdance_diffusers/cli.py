@@ -17,7 +17,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_pipeline(model: str | None, dtype: torch.dtype, device: str):
-    """The pipeline at ``model`` (folder or Hub id), or, without one, a tiny randomly initialised pipeline."""
+    """The pipeline at ``model`` (folder or Hub id). Without one: the shapes model shipped with the package when it is
+    there, else a tiny randomly initialised pipeline built in memory."""
+    from diffusers import DiffusionPipeline
+
+    from .training.demo import DEMO_MODEL_PATH
+
+    if model is None and (DEMO_MODEL_PATH / "model_index.json").is_file():
+        print(
+            "No --model given: using the small shapes model shipped with the package (trained on synthetic coloured "
+            'shapes; try prompts like "a large red circle at the top left on a blue background").',
+            file=sys.stderr,
+        )
+        model = str(DEMO_MODEL_PATH)
     if model is None:
         from .random_pipeline import build_random_pipeline
 
@@ -26,16 +38,13 @@ def load_pipeline(model: str | None, dtype: torch.dtype, device: str):
             "in memory (the picture will be noise-like). Pass --model with a converted checkpoint for real images.",
             file=sys.stderr,
         )
-        return build_random_pipeline("tiny", block_size=16, dtype=dtype).to(device)
-    from diffusers import DiffusionPipeline
-
+        return build_random_pipeline("tiny", block_size=16, image_sizes=[[256, 256]], dtype=dtype).to(device)
     return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
 
 
 def generate(args):
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
-    height = args.height or (256 if args.model is None else None)
-    width = args.width or (256 if args.model is None else None)
+    height, width = args.height, args.width
     generator = torch.Generator().manual_seed(args.seed)
     images = pipe(
         args.prompt,

@@ -46,7 +46,10 @@ class TokenizerTrainingModule(torch.nn.Module):
 
 
 class T2ITrainingModule(torch.nn.Module):
-    """The trainable parts of a `BitDancePipeline` (language model, projector, head); the tokenizer stays frozen."""
+    """The trainable parts of a `BitDancePipeline` (language model, projector, head); the tokenizer stays frozen.
+
+    Batches carry ``pixel_values`` (encoded here, every step) or ready ``codes`` (see `EncodedDataset`).
+    """
 
     def __init__(self, pipe: BitDancePipeline, objective: T2IObjectiveConfig):
         super().__init__()
@@ -56,8 +59,10 @@ class T2ITrainingModule(torch.nn.Module):
         pipe.vae.requires_grad_(False)
 
     def forward(self, batch: dict, generator: torch.Generator):
-        with torch.no_grad():
-            codes = self.pipe.vae.encode(batch["pixel_values"].to(self.pipe.vae.dtype)).codes
+        codes = batch.get("codes")
+        if codes is None:
+            with torch.no_grad():
+                codes = self.pipe.vae.encode(batch["pixel_values"].to(self.pipe.vae.dtype)).codes
         loss = t2i_training_loss(self.pipe, batch["caption"], codes, generator, self.objective)
         return loss, {}
 
@@ -66,10 +71,11 @@ def _batch(dataset, step: int, process: int, num_processes: int, batch_size: int
     """The deterministic batch of ``step`` for ``process``: consecutive dataset indices, wrapping around."""
     start = (step * num_processes + process) * batch_size
     items = [dataset[(start + i) % len(dataset)] for i in range(batch_size)]
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]).to(device),
-        "caption": [item["caption"] for item in items],
-    }
+    batch = {"caption": [item["caption"] for item in items]}
+    for key in ("pixel_values", "codes"):  # images, or (for the generator) images already encoded to ±1 codes
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items]).to(device)
+    return batch
 
 
 def _latest_checkpoint(output_dir: Path) -> Path | None:

@@ -1,0 +1,126 @@
+"""The small BitDance that ships with the package: trained on CPU on the synthetic shapes set.
+
+`train_shapes_demo` trains, in order, a byte-level BPE text tokenizer on the captions, a binary tokenizer
+(`BitDanceTokenizer`) on the images, then a tiny text-to-image model (Qwen3 language model, projector, head) with the
+frozen binary tokenizer, and saves the complete `BitDancePipeline` folder.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+from ..models import BitDanceDiffusionHead, BitDanceProjector, BitDanceTokenizer
+from ..pipelines import BitDancePipeline
+from ..random_pipeline import SPECIAL_TOKENS
+from ..schedulers import BinaryFlowScheduler
+from .shapes import ShapesDataset
+from .t2i_objective import T2IObjectiveConfig
+from .tokenizer_objective import TokenizerObjectiveConfig
+from .trainer import TrainingConfig, train_text_to_image, train_tokenizer
+
+
+# Where the trained demo pipeline ships inside the package, and the dataset seed kept out of its training.
+DEMO_MODEL_PATH = Path(__file__).resolve().parents[1] / "pretrained" / "bitdance-shapes-128"
+HELD_OUT_SEED = 10_000
+
+
+@dataclass
+class DemoConfig:
+    resolution: int = 128
+    tokenizer_resolution: int = 64  # the convolutional tokenizer trains on smaller renders of the same scenes: 4x cheaper
+    block_size: int = 16
+    max_objects: int = 1
+    num_images: int = 12_000  # generator training set, encoded once by the trained tokenizer
+    text_vocab_size: int = 1000
+    vae: dict = field(default_factory=lambda: dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, z_channels=32))
+    language_model: dict = field(default_factory=lambda: dict(
+        hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, max_position_embeddings=512))  # fmt: skip
+    head: dict = field(default_factory=lambda: dict(hidden_size=256, num_layers=4, num_ada_ln_layers=2,
+                                                    attention_head_dim=64))  # fmt: skip
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Captions with their images' ±1 codes (int8 ``[C, h, w]``), encoded once: the generator's training set."""
+
+    def __init__(self, codes: torch.Tensor, captions: list[str]):
+        self.codes, self.captions = codes, captions
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, dataset, vae: BitDanceTokenizer, batch_size: int = 64) -> "EncodedDataset":
+        codes = []
+        for start in range(0, len(dataset), batch_size):
+            images = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))])
+            codes.append(vae.encode(images).codes.to(torch.int8))
+        return cls(torch.cat(codes), [dataset.scene(i).caption() for i in range(len(dataset))])
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"codes": self.codes[index].float(), "caption": self.captions[index]}
+
+
+def train_text_tokenizer(captions: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE fitted to ``captions``, with BitDance's special tokens (looked up by name at inference)."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"] + SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(captions + ["\n"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def build_demo_pipeline(config: DemoConfig, text_tokenizer, vae: BitDanceTokenizer) -> BitDancePipeline:
+    lm_config = Qwen3Config(vocab_size=len(text_tokenizer), pad_token_id=text_tokenizer.pad_token_id,
+                            **config.language_model)  # fmt: skip
+    lm_config._attn_implementation = "sdpa"
+    hidden_size = lm_config.hidden_size
+    return BitDancePipeline(
+        tokenizer=text_tokenizer,
+        language_model=Qwen3Model(lm_config),
+        projector=BitDanceProjector(in_channels=vae.config.z_channels, hidden_size=hidden_size),
+        diffusion_head=BitDanceDiffusionHead(in_channels=vae.config.z_channels, condition_channels=hidden_size,
+                                             **config.head),  # fmt: skip
+        vae=vae,
+        scheduler=BinaryFlowScheduler(),
+        block_size=config.block_size,
+        image_sizes=[[config.resolution, config.resolution]],
+    )
+
+
+def train_shapes_demo(
+    output_dir: str,
+    tokenizer_training: TrainingConfig,
+    t2i_training: TrainingConfig,
+    config: DemoConfig = DemoConfig(),
+    seed: int = 0,
+    tokenizer_objective: TokenizerObjectiveConfig = TokenizerObjectiveConfig(),
+) -> BitDancePipeline:
+    """Train the demo model; checkpoints go under ``output_dir/{vae,t2i}``, the pipeline to ``output_dir/pipeline``."""
+    dataset = ShapesDataset(config.num_images, resolution=config.resolution, seed=seed,
+                            max_objects=config.max_objects)  # fmt: skip
+    text_tokenizer = train_text_tokenizer([dataset.scene(i).caption() for i in range(5000)], config.text_vocab_size)
+
+    torch.manual_seed(seed)
+    vae = BitDanceTokenizer(**config.vae)
+    tokenizer_training.output_dir = f"{output_dir}/vae"
+    tokenizer_dataset = ShapesDataset(config.num_images, resolution=config.tokenizer_resolution, seed=seed,
+                                      max_objects=config.max_objects)  # fmt: skip
+    train_tokenizer(vae, tokenizer_dataset, tokenizer_training, tokenizer_objective)
+
+    torch.manual_seed(seed + 1)
+    pipe = build_demo_pipeline(config, text_tokenizer, vae)
+    dataset = EncodedDataset.encode(dataset, vae)
+    t2i_training.output_dir = f"{output_dir}/t2i"
+    train_text_to_image(pipe, dataset, t2i_training, T2IObjectiveConfig())
+    pipe.save_pretrained(f"{output_dir}/pipeline")
+    return pipe

@@ -1,0 +1,54 @@
+"""A pixel-level detector for the synthetic shapes set: background colour, dominant object colour and its position.
+
+It reads the picture the way the captions describe it: the background is the palette colour of the border; every
+other pixel is assigned to its nearest palette colour; the object colour is the most frequent non-background colour;
+its position is the nearest of the nine named positions to that colour's centroid.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .shapes import COLORS, POSITIONS
+
+
+PALETTE_NAMES = list(COLORS)
+PALETTE = np.array([COLORS[name] for name in PALETTE_NAMES], dtype=np.float32)  # [K, 3]
+
+
+@dataclass
+class Detection:
+    background: str
+    color: str | None  # None when no object pixels were found
+    position: str | None
+    area: float  # fraction of the image covered by the object colour
+
+
+def _as_array(image) -> np.ndarray:
+    """PIL image, ``[3, H, W]`` tensor in [-1, 1] or ``[H, W, 3]`` uint8 array -> ``[H, W, 3]`` float32 in 0..255."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+    if isinstance(image, torch.Tensor):
+        return ((image.detach().float().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).cpu().numpy()
+    return np.asarray(image, dtype=np.float32)
+
+
+def detect_shape(image, min_area: float = 0.005) -> Detection:
+    pixels = _as_array(image)
+    height, width, _ = pixels.shape
+    labels = ((pixels[:, :, None, :] - PALETTE) ** 2).sum(-1).argmin(-1)  # [H, W] nearest palette colour
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    background = np.bincount(border, minlength=len(PALETTE)).argmax()
+    counts = np.bincount(labels.ravel(), minlength=len(PALETTE)).astype(np.float64)
+    counts[background] = 0
+    color = counts.argmax()
+    area = counts[color] / (height * width)
+    if area < min_area:
+        return Detection(PALETTE_NAMES[background], None, None, float(area))
+    ys, xs = np.nonzero(labels == color)
+    center = np.array([xs.mean() / width, ys.mean() / height])
+    names = list(POSITIONS)
+    distances = [np.sum((center - np.array(POSITIONS[name])) ** 2) for name in names]
+    return Detection(PALETTE_NAMES[background], PALETTE_NAMES[color], names[int(np.argmin(distances))], float(area))
