@@ -387,6 +387,8 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
+        # The KV cache (and a CUDA graph's memory pool) is done with: free it before the decode needs its memory.
+        del feed_block, language_model_step, cache, hidden
 
         codes = sequence_to_grid(latents, grid_height, grid_width, block_size)
         if output_type == "latent":
