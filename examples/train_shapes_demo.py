@@ -24,6 +24,8 @@ def main():
     parser.add_argument("--tokenizer_resolution", type=int, default=64,
                         help="image side for the tokenizer's training (raise it to fine-tune at the model's size)")
     parser.add_argument("--tokenizer_loss", choices=["l1", "l2"], default="l1")
+    parser.add_argument("--foreground_weight", type=float, default=1.0,
+                        help="reconstruction weight of the shapes' pixels against the background's")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -35,7 +37,8 @@ def main():
         TrainingConfig(max_steps=args.t2i_steps, batch_size=args.t2i_batch_size, **common),
         DemoConfig(tokenizer_resolution=args.tokenizer_resolution),
         seed=args.seed,
-        tokenizer_objective=TokenizerObjectiveConfig(reconstruction=args.tokenizer_loss),
+        tokenizer_objective=TokenizerObjectiveConfig(reconstruction=args.tokenizer_loss,
+                                                     foreground_weight=args.foreground_weight),
     )
 
 

@@ -18,6 +18,7 @@ from bitdance_diffusers.training import (
     train_tokenizer,
 )
 from bitdance_diffusers.training.demo import DemoConfig, train_shapes_demo
+from bitdance_diffusers.training.tokenizer_objective import foreground_weights
 from bitdance_diffusers.training.shapes_detector import detect_shape
 from bitdance_diffusers.utils.token_layout import grid_to_sequence
 
@@ -144,3 +145,13 @@ def test_demo_recipe_runs_end_to_end(tmp_path):
     assert len(pipe.tokenizer.tokenize("a small red circle at the top left")) < 12  # real BPE merges, not bytes
     image = pipe("a small red circle at the top left on a blue background", num_inference_steps=1, output_type="pt")
     assert image.images.shape == (1, 3, 128, 128)
+
+
+def test_foreground_weights_mark_the_shapes():
+    dataset = ShapesDataset(4, resolution=64, seed=5, max_objects=1)
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(4)])
+    weights = foreground_weights(images, 10.0)
+    background = images[:, :, :1, :1]
+    on_shape = (images - background).abs().amax(1, keepdim=True) > 0.5
+    assert weights.shape == (4, 1, 64, 64) and set(weights.unique().tolist()) == {1.0, 10.0}
+    assert torch.equal(weights == 10, on_shape)
