@@ -33,6 +33,7 @@ from bench_utils import (
     synchronize,
 )
 
+from bitdance_diffusers.pipelines.pipeline_bitdance import _cache_argument_name
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 
 
@@ -161,7 +162,7 @@ def cpu_floor(pipe, recorder, device) -> dict:
     dtype = lm.dtype
     floors = {"prefill": 0.0, "llm_step": 0.0, "head": 0.0, "decode": 0.0}
     cache = DynamicCache(config=lm.config)
-    cache_argument = "cache" if "cache" in lm.forward.__code__.co_varnames else "past_key_values"
+    cache_argument = _cache_argument_name(lm)
     for kind, shape, mask_shape in recorder.llm_calls:
         rows, new = shape[0], shape[1]
         mask = torch.zeros(mask_shape, dtype=dtype, device=device)

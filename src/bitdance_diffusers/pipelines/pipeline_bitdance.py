@@ -233,7 +233,12 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
             return self._language_model_step(cache, position_ids, attention_mask, inputs_embeds=inputs_embeds)
 
         runner = CUDAGraphRunner(step, state=fill_counters)
-        return lambda cache, position_ids, mask, inputs_embeds: runner(position_ids, mask, inputs_embeds)
+
+        def graphed_step(_cache, position_ids, attention_mask, inputs_embeds):
+            """Same call as `_language_model_step` (the graph is bound to ``cache`` already)."""
+            return runner(position_ids, attention_mask, inputs_embeds)
+
+        return graphed_step
 
     def prefill(
         self, row_ids: list[list[int]], prefix_ids: list[int], device: torch.device, max_cache_len: int | None = None
@@ -357,7 +362,7 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         if max_cache_len is not None:
             visible = torch.cat([visible, visible.new_zeros(num_rows, max_cache_len - visible.shape[1])], 1)
         language_model_step = self._language_model_step
-        if max_cache_len is not None and self._cuda_graphs:
+        if self._cuda_graphs:  # implies the static cache (see `enable_cuda_graphs`)
             language_model_step = self._graphed_language_model_step(cache)
 
         def feed_block(tokens: torch.Tensor, block: int) -> torch.Tensor:
@@ -365,10 +370,10 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
             block_positions = positions[block * block_size : (block + 1) * block_size]
             embeds = (self.projector(tokens).float() + block_positions).to(lm_dtype)
             position_ids = lengths[:, None] + block * block_size + block_offsets
-            start = key_padding.shape[1] + block * block_size
             if max_cache_len is None:
                 visible = torch.cat([visible, visible.new_ones(num_rows, block_size)], 1)
             else:
+                start = key_padding.shape[1] + block * block_size
                 visible[:, start : start + block_size] = True
             mask = additive_mask(visible[:, None, None, :], lm_dtype)
             hidden = language_model_step(cache, position_ids, mask, inputs_embeds=embeds)
