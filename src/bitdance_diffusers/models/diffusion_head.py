@@ -91,6 +91,22 @@ class HeadFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def run_ada_ln_head(head: ModelMixin, sample, timestep, condition, *block_args) -> torch.Tensor:
+    """The forward every BitDance head shares: embed tokens, time and condition, run the adaLN-modulated blocks (block
+    ``i`` takes the modulation of projection ``i // ada_ln_switch_freq``), then the final layer. ``block_args`` are
+    passed to every block after ``(x, modulation)``."""
+    x = head.input_proj(sample.to(head.dtype))
+    y = F.silu(head.time_embed(timestep).unsqueeze(1) + head.cond_embed(condition.to(head.dtype)))
+    modulations = [projection(y) for projection in head.ada_ln_blocks]
+    for index, block in enumerate(head.res_blocks):
+        modulation = modulations[index // head.ada_ln_switch_freq]
+        if torch.is_grad_enabled() and head.gradient_checkpointing:
+            x = head._gradient_checkpointing_func(block, x, modulation, *block_args)
+        else:
+            x = block(x, modulation, *block_args)
+    return head.final_layer(x, y)
+
+
 class BitDanceDiffusionHead(ModelMixin, AttentionMixin, ConfigMixin):
     r"""
     x-prediction network for one block of P binary tokens, conditioned per token on the backbone's hidden states.
@@ -158,14 +174,5 @@ class BitDanceDiffusionHead(ModelMixin, AttentionMixin, ConfigMixin):
         Returns:
             ``[B, P, in_channels]`` prediction of the clean tokens.
         """
-        x = self.input_proj(sample.to(self.dtype))
-        y = F.silu(self.time_embed(timestep).unsqueeze(1) + self.cond_embed(condition.to(self.dtype)))
-        modulations = [projection(y) for projection in self.ada_ln_blocks]
-        for index, block in enumerate(self.res_blocks):
-            modulation = modulations[index // self.ada_ln_switch_freq]
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, modulation, attention_kwargs)
-            else:
-                x = block(x, modulation, attention_kwargs)
-        out = self.final_layer(x, y)
+        out = run_ada_ln_head(self, sample, timestep, condition, attention_kwargs)
         return 2 * torch.sigmoid(out) - 1 if self.config.bounded_output else out

@@ -6,11 +6,10 @@ equal the original checkpoint's keys without their ``head.net.`` prefix.
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from .diffusion_head import HeadFinalLayer, modulate
+from .diffusion_head import HeadFinalLayer, modulate, run_ada_ln_head
 from .embeddings import TimestepEmbedding
 from .imagenet_transformer import SwiGLU
 
@@ -86,13 +85,4 @@ class BitDanceMLPHead(ModelMixin, ConfigMixin):
         Returns:
             ``[B, P, in_channels]`` raw prediction of the clean tokens.
         """
-        x = self.input_proj(sample.to(self.dtype))
-        y = F.silu(self.time_embed(timestep).unsqueeze(1) + self.cond_embed(condition.to(self.dtype)))
-        modulations = [projection(y) for projection in self.ada_ln_blocks]
-        for index, block in enumerate(self.res_blocks):
-            modulation = modulations[index // self.ada_ln_switch_freq]
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, modulation)
-            else:
-                x = block(x, modulation)
-        return self.final_layer(x, y)
+        return run_ada_ln_head(self, sample, timestep, condition)
