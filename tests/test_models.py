@@ -32,6 +32,16 @@ def test_ae_d16c32_matches_the_original_checkpoint_layout():
     assert vae.downsample_factor == 16
 
 
+def test_tokenizer_norm_groups_are_configurable(tmp_path):
+    vae = BitDanceTokenizer(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, norm_num_groups=4)
+    norms = [module for module in vae.modules() if isinstance(module, torch.nn.GroupNorm)]
+    assert norms and {norm.num_groups for norm in norms} == {4}
+    vae.save_pretrained(tmp_path)
+    assert BitDanceTokenizer.from_pretrained(tmp_path).config.norm_num_groups == 4
+    default = BitDanceTokenizer(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8)
+    assert {m.num_groups for m in default.modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
+
+
 def test_gan_decoder_takes_codes_and_noise():
     with torch.device("meta"):
         vae = BitDanceTokenizer(ch=128, ch_mult=(1, 1, 2, 2, 4, 8), num_res_blocks=4, z_channels=128, gan_decoder=True)

@@ -22,18 +22,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..utils.token_layout import binarize, grid_to_sequence, pack_codes, sequence_to_grid, unpack_codes
 
 
-def _group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=affine)
+def _group_norm(channels: int, num_groups: int, affine: bool = True) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=1e-6, affine=affine)
 
 
 class ResBlock(nn.Module):
     """GN -> swish -> conv3x3 -> GN -> swish -> conv3x3, plus a bias-free 1x1 shortcut when the width changes."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm_num_groups: int):
         super().__init__()
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = _group_norm(in_channels, norm_num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = _group_norm(out_channels, norm_num_groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
 
@@ -51,9 +51,9 @@ class AdaptiveGroupNorm(nn.Module):
     (not ``1 + gamma``). Because the statistics are global over the grid, decoding cannot be tiled.
     """
 
-    def __init__(self, z_channels: int, channels: int):
+    def __init__(self, z_channels: int, channels: int, norm_num_groups: int):
         super().__init__()
-        self.gn = _group_norm(channels, affine=False)
+        self.gn = _group_norm(channels, norm_num_groups, affine=False)
         self.gamma = nn.Linear(z_channels, channels)
         self.beta = nn.Linear(z_channels, channels)
 
@@ -81,10 +81,10 @@ class Upsampler(nn.Module):
 
 
 class EncoderLevel(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, downsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, norm_num_groups: int, downsample: bool):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_res_blocks
-        self.block = nn.ModuleList(ResBlock(widths[i], widths[i + 1]) for i in range(num_res_blocks))
+        self.block = nn.ModuleList(ResBlock(widths[i], widths[i + 1], norm_num_groups) for i in range(num_res_blocks))
         self.downsample = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,16 +96,19 @@ class EncoderLevel(nn.Module):
 class Encoder(nn.Module):
     """Image ``[B, 3, H, W]`` -> pre-quantisation latent ``[B, z, H / f, W / f]``, ``f = 2 ** (len(ch_mult) - 1)``."""
 
-    def __init__(self, in_channels: int, ch: int, ch_mult: tuple, num_res_blocks: int, z_channels: int):
+    def __init__(
+        self, in_channels: int, ch: int, ch_mult: tuple, num_res_blocks: int, z_channels: int, norm_num_groups: int
+    ):
         super().__init__()
         widths = [ch * m for m in (1, *ch_mult)]
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1, bias=False)
         self.down = nn.ModuleList(
-            EncoderLevel(widths[level], widths[level + 1], num_res_blocks, downsample=level < len(ch_mult) - 1)
+            EncoderLevel(widths[level], widths[level + 1], num_res_blocks, norm_num_groups,
+                         downsample=level < len(ch_mult) - 1)  # fmt: skip
             for level in range(len(ch_mult))
         )
-        self.mid_block = nn.ModuleList(ResBlock(widths[-1], widths[-1]) for _ in range(num_res_blocks))
-        self.norm_out = _group_norm(widths[-1])
+        self.mid_block = nn.ModuleList(ResBlock(widths[-1], widths[-1], norm_num_groups) for _ in range(num_res_blocks))
+        self.norm_out = _group_norm(widths[-1], norm_num_groups)
         self.conv_out = nn.Conv2d(widths[-1], z_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +121,10 @@ class Encoder(nn.Module):
 
 
 class DecoderLevel(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, upsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, norm_num_groups: int, upsample: bool):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_res_blocks
-        self.block = nn.ModuleList(ResBlock(widths[i], widths[i + 1]) for i in range(num_res_blocks))
+        self.block = nn.ModuleList(ResBlock(widths[i], widths[i + 1], norm_num_groups) for i in range(num_res_blocks))
         self.upsample = Upsampler(out_channels) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,20 +141,29 @@ class Decoder(nn.Module):
     """
 
     def __init__(
-        self, out_channels: int, ch: int, ch_mult: tuple, num_res_blocks: int, z_channels: int, noise_channels: int
+        self,
+        out_channels: int,
+        ch: int,
+        ch_mult: tuple,
+        num_res_blocks: int,
+        z_channels: int,
+        noise_channels: int,
+        norm_num_groups: int,
     ):
         super().__init__()
         widths = [ch * m for m in ch_mult]
         self.conv_in = nn.Conv2d(z_channels + noise_channels, widths[-1], 3, padding=1)
-        self.mid_block = nn.ModuleList(ResBlock(widths[-1], widths[-1]) for _ in range(num_res_blocks))
+        self.mid_block = nn.ModuleList(ResBlock(widths[-1], widths[-1], norm_num_groups) for _ in range(num_res_blocks))
         # Levels are indexed like the encoder's (0 = full resolution) but run from the last to the first.
         level_inputs = [widths[level + 1] if level + 1 < len(widths) else widths[-1] for level in range(len(widths))]
-        self.adaptive = nn.ModuleList(AdaptiveGroupNorm(z_channels, level_inputs[level]) for level in range(len(widths)))
+        self.adaptive = nn.ModuleList(
+            AdaptiveGroupNorm(z_channels, level_inputs[level], norm_num_groups) for level in range(len(widths))
+        )
         self.up = nn.ModuleList(
-            DecoderLevel(level_inputs[level], widths[level], num_res_blocks, upsample=level > 0)
+            DecoderLevel(level_inputs[level], widths[level], num_res_blocks, norm_num_groups, upsample=level > 0)
             for level in range(len(widths))
         )
-        self.norm_out = _group_norm(widths[0])
+        self.norm_out = _group_norm(widths[0], norm_num_groups)
         self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
 
     def forward(self, codes: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,6 +199,8 @@ class BitDanceTokenizer(ModelMixin, AutoencoderMixin, ConfigMixin):
         num_res_blocks (`int`, defaults to 4): residual blocks per level and in the middle.
         z_channels (`int`, defaults to 32): code channels ``C`` (vocabulary ``2 ** C``).
         gan_decoder (`bool`, defaults to `False`): decode ``[codes ‖ Gaussian noise]`` (``ae_d32c128``/``ae_d32c256``).
+        norm_num_groups (`int`, defaults to 32): groups of every GroupNorm (the released tokenizers use 32). Narrow
+            models want fewer: with one channel per group the norms erase each image's absolute colour.
     """
 
     _supports_gradient_checkpointing = False
@@ -203,11 +217,13 @@ class BitDanceTokenizer(ModelMixin, AutoencoderMixin, ConfigMixin):
         num_res_blocks: int = 4,
         z_channels: int = 32,
         gan_decoder: bool = False,
+        norm_num_groups: int = 32,
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)
-        self.encoder = Encoder(in_channels, ch, ch_mult, num_res_blocks, z_channels)
-        self.decoder = Decoder(out_channels, ch, ch_mult, num_res_blocks, z_channels, z_channels if gan_decoder else 0)
+        self.encoder = Encoder(in_channels, ch, ch_mult, num_res_blocks, z_channels, norm_num_groups)
+        noise_channels = z_channels if gan_decoder else 0
+        self.decoder = Decoder(out_channels, ch, ch_mult, num_res_blocks, z_channels, noise_channels, norm_num_groups)
         self.use_slicing = False
 
     @property
