@@ -19,6 +19,7 @@ from bitdance_diffusers.training import (
 )
 from bitdance_diffusers.training.demo import DemoConfig, train_shapes_demo
 from bitdance_diffusers.training.tokenizer_objective import foreground_weights
+from bitdance_diffusers.training.trainer import _lr_factor
 from bitdance_diffusers.training.shapes_detector import detect_shape
 from bitdance_diffusers.utils.token_layout import grid_to_sequence
 
@@ -136,10 +137,23 @@ def test_shapes_detector_reads_rendered_scenes():
         ), scene.caption()
 
 
+def test_learning_rate_schedules():
+    constant = TrainingConfig(output_dir="", max_steps=100, warmup_steps=10)
+    cosine = TrainingConfig(output_dir="", max_steps=100, warmup_steps=10, lr_schedule="cosine")
+    assert [_lr_factor(constant, step) for step in (0, 9, 50, 99)] == [0.1, 1.0, 1.0, 1.0]
+    assert _lr_factor(cosine, 0) == pytest.approx(0.1) and _lr_factor(cosine, 50) == pytest.approx(0.5)
+    assert _lr_factor(cosine, 25) > _lr_factor(cosine, 75) > _lr_factor(cosine, 99) > 0
+    assert _lr_factor(cosine, 100) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        _lr_factor(TrainingConfig(output_dir="", lr_schedule="linear"), 0)
+
+
 def test_demo_recipe_runs_end_to_end(tmp_path):
     config = DemoConfig(num_images=16, tokenizer_resolution=64)
-    steps = dict(max_steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, output_dir="")
-    train_shapes_demo(str(tmp_path), TrainingConfig(**steps), TrainingConfig(**steps), config)
+    steps = dict(max_steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, output_dir="", lr_schedule="cosine")
+    train_shapes_demo(str(tmp_path), TrainingConfig(**steps), TrainingConfig(**steps), config,
+                      tokenizer_finetuning=TrainingConfig(**steps))  # fmt: skip
+    assert (tmp_path / "vae" / "checkpoint-2").is_dir() and (tmp_path / "vae-finetune" / "checkpoint-2").is_dir()
     pipe = BitDancePipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.tokenizer.convert_tokens_to_ids("<|query_15|>") != pipe.tokenizer.unk_token_id
     assert len(pipe.tokenizer.tokenize("a small red circle at the top left")) < 12  # real BPE merges, not bytes

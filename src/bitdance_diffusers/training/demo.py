@@ -30,12 +30,15 @@ HELD_OUT_SEED = 10_000
 @dataclass
 class DemoConfig:
     resolution: int = 128
-    tokenizer_resolution: int = 64  # the convolutional tokenizer trains on smaller renders of the same scenes: 4x cheaper
+    tokenizer_resolution: int = 64  # the tokenizer first trains on smaller renders of the same scenes (6x cheaper)
     block_size: int = 16
     max_objects: int = 1
     num_images: int = 12_000  # generator training set, encoded once by the trained tokenizer
     text_vocab_size: int = 1000
-    vae: dict = field(default_factory=lambda: dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, z_channels=32))
+    # 4 GroupNorm groups keep 8 channels per group, as the released tokenizers do (256 / 32): with one channel per
+    # group the norms would erase each image's absolute colour.
+    vae: dict = field(default_factory=lambda: dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, z_channels=32,
+                                                   norm_num_groups=4))  # fmt: skip
     language_model: dict = field(default_factory=lambda: dict(
         hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=64, max_position_embeddings=512))  # fmt: skip
@@ -104,18 +107,27 @@ def train_shapes_demo(
     config: DemoConfig = DemoConfig(),
     seed: int = 0,
     tokenizer_objective: TokenizerObjectiveConfig = TokenizerObjectiveConfig(),
+    tokenizer_finetuning: TrainingConfig | None = None,
 ) -> BitDancePipeline:
-    """Train the demo model; checkpoints go under ``output_dir/{vae,t2i}``, the pipeline to ``output_dir/pipeline``."""
+    """Train the demo model and save the pipeline to ``output_dir/pipeline``.
+
+    The binary tokenizer trains at ``config.tokenizer_resolution`` (checkpoints in ``output_dir/vae``), then, with
+    ``tokenizer_finetuning``, at ``config.resolution`` (``output_dir/vae-finetune``); the generator trains on the
+    frozen tokenizer's codes (``output_dir/t2i``). Every stage resumes from its latest checkpoint.
+    """
     dataset = ShapesDataset(config.num_images, resolution=config.resolution, seed=seed,
                             max_objects=config.max_objects)  # fmt: skip
     text_tokenizer = train_text_tokenizer([dataset.scene(i).caption() for i in range(5000)], config.text_vocab_size)
 
     torch.manual_seed(seed)
     vae = BitDanceTokenizer(**config.vae)
-    tokenizer_training.output_dir = f"{output_dir}/vae"
-    tokenizer_dataset = ShapesDataset(config.num_images, resolution=config.tokenizer_resolution, seed=seed,
-                                      max_objects=config.max_objects)  # fmt: skip
-    train_tokenizer(vae, tokenizer_dataset, tokenizer_training, tokenizer_objective)
+    stages = [(tokenizer_training, config.tokenizer_resolution, "vae")]
+    if tokenizer_finetuning is not None:
+        stages.append((tokenizer_finetuning, config.resolution, "vae-finetune"))
+    for training, resolution, name in stages:
+        training.output_dir = f"{output_dir}/{name}"
+        images = ShapesDataset(config.num_images, resolution=resolution, seed=seed, max_objects=config.max_objects)
+        train_tokenizer(vae, images, training, tokenizer_objective)
 
     torch.manual_seed(seed + 1)
     pipe = build_demo_pipeline(config, text_tokenizer, vae)

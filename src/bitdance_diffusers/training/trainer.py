@@ -9,6 +9,7 @@ an uninterrupted run. Checkpoints (``accelerator.save_state``: weights, optimize
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ class TrainingConfig:
     batch_size: int = 8
     learning_rate: float = 1e-4
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" decay to 0 at max_steps
     adam_betas: tuple = (0.9, 0.95)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -67,6 +69,16 @@ class T2ITrainingModule(torch.nn.Module):
         return loss, {}
 
 
+def _lr_factor(config: TrainingConfig, step: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine decay to 0 at ``max_steps``."""
+    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.lr_schedule == "constant":
+        return warmup
+    if config.lr_schedule == "cosine":
+        return warmup * 0.5 * (1 + math.cos(math.pi * min(step, config.max_steps) / config.max_steps))
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}.")
+
+
 def _batch(dataset, step: int, process: int, num_processes: int, batch_size: int, device) -> dict:
     """The deterministic batch of ``step`` for ``process``: consecutive dataset indices, wrapping around."""
     start = (step * num_processes + process) * batch_size
@@ -91,8 +103,7 @@ def run_training(module: torch.nn.Module, dataset, config: TrainingConfig, save_
     optimizer = torch.optim.AdamW(
         parameters, lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay
     )
-    warmup = max(1, config.warmup_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_lr_factor, config))
     module, optimizer, schedule = accelerator.prepare(module, optimizer, schedule)
 
     start_step = 0
