@@ -38,13 +38,14 @@ def test_diffusion_pipeline_loads_a_saved_folder_in_a_fresh_process(tmp_path):
     assert out.stdout.split() == ["BitDancePipeline", "BitDanceTokenizer", "BinaryFlowScheduler"]
 
 
-def test_command_line_generates_offline(tmp_path):
+def test_command_line_falls_back_to_a_tiny_random_model(tmp_path, monkeypatch, capsys):
+    from bitdance_diffusers import cli
+    from bitdance_diffusers.training import demo
+
+    monkeypatch.setattr(demo, "DEMO_MODEL_PATH", tmp_path / "missing")
     output = tmp_path / "fox.png"
-    result = subprocess.run(
-        ["bitdance", "generate", "--prompt", "a red fox", "--steps", "2", "--output", str(output)],
-        capture_output=True, text=True, check=True, cwd=tmp_path,
-    )  # fmt: skip
-    assert "tiny randomly initialised" in result.stderr
+    cli.main(["generate", "--prompt", "a red fox", "--steps", "2", "--output", str(output)])
+    assert "tiny randomly initialised" in capsys.readouterr().err
     assert Image.open(output).size == (256, 256)
 
 

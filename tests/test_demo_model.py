@@ -1,0 +1,44 @@
+"""The shapes model shipped with the package: small plain files, draws the prompted shape, and is the CLI default."""
+
+import subprocess
+
+import torch
+from PIL import Image
+
+from bitdance_diffusers import BitDancePipeline
+from bitdance_diffusers.training import ShapesDataset
+from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, HELD_OUT_SEED
+from bitdance_diffusers.training.shapes_detector import detect_shape
+
+
+def test_shipped_model_is_small_and_plain():
+    weights = sorted(DEMO_MODEL_PATH.glob("*/*.safetensors"))
+    assert {path.parent.name for path in weights} == {"language_model", "projector", "diffusion_head", "vae"}
+    assert sum(path.stat().st_size for path in weights) <= 25 * 2**20
+    for path in weights:  # real tensors, not git-LFS pointer files
+        assert not path.read_bytes()[:40].startswith(b"version https://git-lfs"), path
+
+
+def test_shipped_model_draws_the_prompted_shape():
+    pipe = BitDancePipeline.from_pretrained(DEMO_MODEL_PATH, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    held_out = ShapesDataset(8, resolution=128, seed=HELD_OUT_SEED, max_objects=1)
+    scenes = [held_out.scene(i) for i in range(8)]
+    images = pipe([scene.caption() for scene in scenes], output_type="pt",
+                  generator=[torch.Generator().manual_seed(i) for i in range(8)]).images  # fmt: skip
+    detections = [detect_shape(image * 2 - 1) for image in images]
+    colours = sum(d.color == s.objects[0].color for d, s in zip(detections, scenes))
+    positions = sum(d.position == s.objects[0].position for d, s in zip(detections, scenes))
+    backgrounds = sum(d.background == s.background for d, s in zip(detections, scenes))
+    assert (colours, positions, backgrounds) >= (7, 6, 7) and min(colours, positions, backgrounds) >= 6, (
+        colours, positions, backgrounds, [s.caption() for s in scenes], detections)  # fmt: skip
+
+
+def test_command_line_default_draws_the_prompt(tmp_path):
+    output = tmp_path / "circle.png"
+    prompt = "a large red circle in the center on a blue background"
+    result = subprocess.run(["bitdance", "generate", "--prompt", prompt, "--output", str(output)],
+                            capture_output=True, text=True, check=True, cwd=tmp_path)  # fmt: skip
+    assert "shapes model shipped with the package" in result.stderr
+    detection = detect_shape(Image.open(output))
+    assert (detection.color, detection.position, detection.background) == ("red", "in the center", "blue"), detection
