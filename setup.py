@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "diffusers>=0.36",
+        "diffusers>=0.42",
         "transformers>=4.57",
         "accelerate>=1.0",
         "safetensors>=0.4",

@@ -2,9 +2,9 @@
 
     python benchmarks/bench_shapes_quality.py [--model FOLDER] [--num_prompts 100] [--json rows.jsonl]
 
-Over held-out prompts (scenes of a seed never used in training): the fraction of images whose dominant object colour
-and position (3x3 grid) match the prompt, and the background colour; and the tokenizer's reconstruction PSNR on
-held-out images.
+Over held-out prompts (scenes of a seed never used in training): the fraction of images whose dominant object colour,
+position (3x3 grid), background colour and shape (from how much of its bounding box the object fills) match the
+prompt; and the tokenizer's reconstruction PSNR on held-out images, and the shape read on its reconstructions.
 """
 
 import argparse
@@ -30,12 +30,12 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    pipe = BitDancePipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    pipe = BitDancePipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     resolution = pipe.config.image_sizes[0][0]
     held_out = ShapesDataset(args.num_prompts, resolution=resolution, seed=HELD_OUT_SEED, max_objects=1)
 
-    hits = {"color": 0, "position": 0, "background": 0}
+    hits = {"color": 0, "position": 0, "background": 0, "shape": 0}
     start = time.perf_counter()
     for first in range(0, args.num_prompts, args.batch_size):
         indices = range(first, min(first + args.batch_size, args.num_prompts))
@@ -48,15 +48,18 @@ def main():
             hits["color"] += detection.color == scene.objects[0].color
             hits["position"] += detection.position == scene.objects[0].position
             hits["background"] += detection.background == scene.background
+            hits["shape"] += detection.shape == scene.objects[0].shape
     seconds = time.perf_counter() - start
 
     with torch.no_grad():
         originals = torch.stack([held_out[i]["pixel_values"] for i in range(args.num_prompts)])
         reconstructions = torch.cat([pipe.vae.decode(pipe.vae.encode(chunk).codes).sample for chunk in originals.split(20)])
     tokenizer_psnr = float(psnr(reconstructions, originals).mean())
+    reconstructed_shapes = sum(detect_shape(image).shape == held_out.scene(i).objects[0].shape
+                               for i, image in enumerate(reconstructions))  # fmt: skip
 
     row = {name: count / args.num_prompts for name, count in hits.items()}
-    row.update(tokenizer_psnr_db=tokenizer_psnr, prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
+    row.update(tokenizer_psnr_db=tokenizer_psnr, tokenizer_shape=reconstructed_shapes / args.num_prompts, prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
                seconds_per_image=seconds / args.num_prompts, model=args.model, torch=torch.__version__,
                date=datetime.date.today().isoformat())  # fmt: skip
     print(f"\nshapes quality over {args.num_prompts} held-out prompts ({args.steps} steps, CFG {args.guidance})")
@@ -64,7 +67,9 @@ def main():
     print(f"colour correct       {row['color']:.2f}     >= 0.90")
     print(f"position correct     {row['position']:.2f}     >= 0.80")
     print(f"background correct   {row['background']:.2f}")
+    print(f"shape correct        {row['shape']:.2f}")
     print(f"tokenizer PSNR (dB)  {tokenizer_psnr:.2f}")
+    print(f"shape correct on tokenizer reconstructions {row['tokenizer_shape']:.2f}")
     print(f"seconds per image    {row['seconds_per_image']:.3f}")
     if args.json:
         with open(args.json, "a") as handle:

@@ -33,7 +33,7 @@ args = parser.parse_args()
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 if args.model:
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(device)
 else:
     pipe = build_random_imagenet_pipeline(block_size=4).to(device)
 

@@ -47,7 +47,7 @@ def read_prompts(path: str) -> list[dict]:
 def generate(records: list[dict], todo: list[int], output_dir: Path, args, state: PartialState):
     """Generate and write the images of the prompts ``todo`` (indices into ``records``) on this process's device."""
     dtype = torch.bfloat16 if args.dtype == "bf16" and state.device.type == "cuda" else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(state.device)
+    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(state.device)
     pipe.set_progress_bar_config(disable=True)
     for i in todo:
         seeds = [args.seed + i * args.images_per_prompt + k for k in range(args.images_per_prompt)]

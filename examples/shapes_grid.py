@@ -34,7 +34,7 @@ def main():
     parser.add_argument("--columns", type=int, default=4)
     args = parser.parse_args()
 
-    pipe = BitDancePipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    pipe = BitDancePipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(PROMPTS, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   generator=[torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]).images  # fmt: skip

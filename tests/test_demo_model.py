@@ -20,7 +20,7 @@ def test_shipped_model_is_small_and_plain():
 
 
 def test_shipped_model_draws_the_prompted_shape():
-    pipe = BitDancePipeline.from_pretrained(DEMO_MODEL_PATH, torch_dtype=torch.float32)
+    pipe = BitDancePipeline.from_pretrained(DEMO_MODEL_PATH, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     held_out = ShapesDataset(8, resolution=128, seed=HELD_OUT_SEED, max_objects=1)
     scenes = [held_out.scene(i) for i in range(8)]

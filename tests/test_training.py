@@ -132,8 +132,8 @@ def test_shapes_detector_reads_rendered_scenes():
     dataset = ShapesDataset(60, resolution=128, seed=11, max_objects=1)
     for index in range(60):
         scene, detection = dataset.scene(index), detect_shape(dataset[index]["pixel_values"])
-        assert (detection.color, detection.position, detection.background) == (
-            scene.objects[0].color, scene.objects[0].position, scene.background
+        assert (detection.color, detection.position, detection.background, detection.shape) == (
+            scene.objects[0].color, scene.objects[0].position, scene.background, scene.objects[0].shape
         ), scene.caption()
 
 

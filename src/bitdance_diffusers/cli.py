@@ -39,7 +39,7 @@ def load_pipeline(model: str | None, dtype: torch.dtype, device: str):
             file=sys.stderr,
         )
         return build_random_pipeline("tiny", block_size=16, image_sizes=[[256, 256]], dtype=dtype).to(device)
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    return DiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
 
 
 def generate(args):

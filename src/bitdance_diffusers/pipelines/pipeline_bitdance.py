@@ -30,7 +30,7 @@ EXAMPLE_DOC_STRING = """
         >>> import bitdance_diffusers  # registers the BitDance pipelines with diffusers
         >>> from diffusers import DiffusionPipeline
 
-        >>> pipe = DiffusionPipeline.from_pretrained("path/to/BitDance-14B-64x-diffusers", torch_dtype=torch.bfloat16)
+        >>> pipe = DiffusionPipeline.from_pretrained("path/to/BitDance-14B-64x-diffusers", dtype=torch.bfloat16)
         >>> pipe.to("cuda")
         >>> image = pipe("a red fox in the snow", height=1024, width=1024, guidance_scale=7.5).images[0]
         ```

@@ -1,8 +1,9 @@
-"""A pixel-level detector for the synthetic shapes set: background colour, dominant object colour and its position.
+"""A pixel-level detector for the synthetic shapes set: background colour, dominant object colour, position, shape.
 
 It reads the picture the way the captions describe it: the background is the palette colour of the border; every
 other pixel is assigned to its nearest palette colour; the object colour is the most frequent non-background colour;
-its position is the nearest of the nine named positions to that colour's centroid.
+its position is the nearest of the nine named positions to that colour's centroid; its shape is read off how much of
+its bounding box it fills (square 1, circle pi/4, star about 0.38, triangle 0.5).
 """
 
 from dataclasses import dataclass
@@ -12,6 +13,11 @@ import torch
 from PIL import Image
 
 from .shapes import COLORS, POSITIONS
+
+
+# Upper bounds of the fill ratio (object area / bounding-box area) per shape: midpoints between the rendered shapes'
+# ratios, star 0.384, triangle 0.5, circle pi / 4 = 0.785, square 1.
+_FILL_THRESHOLDS = [(0.44, "star"), (0.64, "triangle"), (0.89, "circle"), (float("inf"), "square")]
 
 
 PALETTE_NAMES = list(COLORS)
@@ -24,6 +30,7 @@ class Detection:
     color: str | None  # None when no object pixels were found
     position: str | None
     area: float  # fraction of the image covered by the object colour
+    shape: str | None = None
 
 
 def _as_array(image) -> np.ndarray:
@@ -51,4 +58,7 @@ def detect_shape(image, min_area: float = 0.005) -> Detection:
     center = np.array([xs.mean() / width, ys.mean() / height])
     names = list(POSITIONS)
     distances = [np.sum((center - np.array(POSITIONS[name])) ** 2) for name in names]
-    return Detection(PALETTE_NAMES[background], PALETTE_NAMES[color], names[int(np.argmin(distances))], float(area))
+    fill = len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+    shape = next(name for threshold, name in _FILL_THRESHOLDS if fill < threshold)
+    return Detection(PALETTE_NAMES[background], PALETTE_NAMES[color], names[int(np.argmin(distances))], float(area),
+                     shape)  # fmt: skip
