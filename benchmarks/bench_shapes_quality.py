@@ -8,15 +8,14 @@ prompt; and the tokenizer's reconstruction PSNR on held-out images, and the shap
 """
 
 import argparse
-import datetime
-import json
 import time
 
 import torch
+from bench_utils import append_rows
 
 from bitdance_diffusers import BitDancePipeline
 from bitdance_diffusers.training import ShapesDataset, psnr
-from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, HELD_OUT_SEED
+from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, HELD_OUT_SEED, score_held_out_prompts
 from bitdance_diffusers.training.shapes_detector import detect_shape
 
 
@@ -35,20 +34,9 @@ def main():
     resolution = pipe.config.image_sizes[0][0]
     held_out = ShapesDataset(args.num_prompts, resolution=resolution, seed=HELD_OUT_SEED, max_objects=1)
 
-    hits = {"color": 0, "position": 0, "background": 0, "shape": 0}
     start = time.perf_counter()
-    for first in range(0, args.num_prompts, args.batch_size):
-        indices = range(first, min(first + args.batch_size, args.num_prompts))
-        scenes = [held_out.scene(i) for i in indices]
-        images = pipe([scene.caption() for scene in scenes], height=resolution, width=resolution,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt",
-                      generator=[torch.Generator().manual_seed(i) for i in indices]).images  # fmt: skip
-        for scene, image in zip(scenes, images):
-            detection = detect_shape(image * 2 - 1)
-            hits["color"] += detection.color == scene.objects[0].color
-            hits["position"] += detection.position == scene.objects[0].position
-            hits["background"] += detection.background == scene.background
-            hits["shape"] += detection.shape == scene.objects[0].shape
+    hits = score_held_out_prompts(pipe, args.num_prompts, args.batch_size, num_inference_steps=args.steps,
+                                  guidance_scale=args.guidance)  # fmt: skip
     seconds = time.perf_counter() - start
 
     with torch.no_grad():
@@ -59,9 +47,9 @@ def main():
                                for i, image in enumerate(reconstructions))  # fmt: skip
 
     row = {name: count / args.num_prompts for name, count in hits.items()}
-    row.update(tokenizer_psnr_db=tokenizer_psnr, tokenizer_shape=reconstructed_shapes / args.num_prompts, prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
-               seconds_per_image=seconds / args.num_prompts, model=args.model, torch=torch.__version__,
-               date=datetime.date.today().isoformat())  # fmt: skip
+    row.update(tokenizer_psnr_db=tokenizer_psnr, tokenizer_shape=reconstructed_shapes / args.num_prompts,
+               prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
+               seconds_per_image=seconds / args.num_prompts, model=args.model)  # fmt: skip
     print(f"\nshapes quality over {args.num_prompts} held-out prompts ({args.steps} steps, CFG {args.guidance})")
     print("metric               value    target")
     print(f"colour correct       {row['color']:.2f}     >= 0.90")
@@ -72,8 +60,7 @@ def main():
     print(f"shape correct on tokenizer reconstructions {row['tokenizer_shape']:.2f}")
     print(f"seconds per image    {row['seconds_per_image']:.3f}")
     if args.json:
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_rows(args.json, [row], torch.device("cpu"))
 
 
 if __name__ == "__main__":

@@ -325,5 +325,6 @@ def main():
     if args.json:
         append_rows(args.json, results, device)
 
+
 if __name__ == "__main__":
     main()

@@ -6,8 +6,7 @@ import torch
 from PIL import Image
 
 from bitdance_diffusers import BitDancePipeline
-from bitdance_diffusers.training import ShapesDataset
-from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, HELD_OUT_SEED
+from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, score_held_out_prompts
 from bitdance_diffusers.training.shapes_detector import detect_shape
 
 
@@ -22,16 +21,9 @@ def test_shipped_model_is_small_and_plain():
 def test_shipped_model_draws_the_prompted_shape():
     pipe = BitDancePipeline.from_pretrained(DEMO_MODEL_PATH, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    held_out = ShapesDataset(8, resolution=128, seed=HELD_OUT_SEED, max_objects=1)
-    scenes = [held_out.scene(i) for i in range(8)]
-    images = pipe([scene.caption() for scene in scenes], output_type="pt",
-                  generator=[torch.Generator().manual_seed(i) for i in range(8)]).images  # fmt: skip
-    detections = [detect_shape(image * 2 - 1) for image in images]
-    colours = sum(d.color == s.objects[0].color for d, s in zip(detections, scenes))
-    positions = sum(d.position == s.objects[0].position for d, s in zip(detections, scenes))
-    backgrounds = sum(d.background == s.background for d, s in zip(detections, scenes))
-    assert (colours, positions, backgrounds) >= (7, 6, 7) and min(colours, positions, backgrounds) >= 6, (
-        colours, positions, backgrounds, [s.caption() for s in scenes], detections)  # fmt: skip
+    hits = score_held_out_prompts(pipe, num_prompts=8)
+    colours, positions, backgrounds = hits["color"], hits["position"], hits["background"]
+    assert (colours, positions, backgrounds) >= (7, 6, 7) and min(colours, positions, backgrounds) >= 6, hits
 
 
 def test_command_line_default_draws_the_prompt(tmp_path):

@@ -44,13 +44,12 @@ def load_pipeline(model: str | None, dtype: torch.dtype, device: str):
 
 def generate(args):
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
-    height, width = args.height, args.width
     generator = torch.Generator().manual_seed(args.seed)
     images = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
-        height=height,
-        width=width,
+        height=args.height,
+        width=args.width,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,

@@ -17,6 +17,7 @@ from ..pipelines import BitDancePipeline
 from ..random_pipeline import SPECIAL_TOKENS
 from ..schedulers import BinaryFlowScheduler
 from .shapes import ShapesDataset
+from .shapes_detector import detect_shape
 from .t2i_objective import T2IObjectiveConfig
 from .tokenizer_objective import TokenizerObjectiveConfig
 from .trainer import TrainingConfig, train_text_to_image, train_tokenizer
@@ -98,6 +99,27 @@ def build_demo_pipeline(config: DemoConfig, text_tokenizer, vae: BitDanceTokeniz
         block_size=config.block_size,
         image_sizes=[[config.resolution, config.resolution]],
     )
+
+
+@torch.no_grad()
+def score_held_out_prompts(pipe: BitDancePipeline, num_prompts: int, batch_size: int = 10, **call_kwargs) -> dict:
+    """Draw the captions of the first ``num_prompts`` held-out scenes (generator seed ``i`` for scene ``i``) and count
+    the images where the pixel detector finds the scene's ``color``, ``position``, ``background`` and ``shape``."""
+    height, width = pipe.config.image_sizes[0]
+    held_out = ShapesDataset(num_prompts, resolution=height, seed=HELD_OUT_SEED, max_objects=1)
+    hits = {"color": 0, "position": 0, "background": 0, "shape": 0}
+    for first in range(0, num_prompts, batch_size):
+        indices = range(first, min(first + batch_size, num_prompts))
+        scenes = [held_out.scene(i) for i in indices]
+        images = pipe([scene.caption() for scene in scenes], height=height, width=width, output_type="pt",
+                      generator=[torch.Generator().manual_seed(i) for i in indices], **call_kwargs).images  # fmt: skip
+        for scene, image in zip(scenes, images):
+            detection, target = detect_shape(image * 2 - 1), scene.objects[0]
+            hits["color"] += detection.color == target.color
+            hits["position"] += detection.position == target.position
+            hits["background"] += detection.background == scene.background
+            hits["shape"] += detection.shape == target.shape
+    return hits
 
 
 def train_shapes_demo(

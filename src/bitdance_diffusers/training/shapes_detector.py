@@ -15,13 +15,12 @@ from PIL import Image
 from .shapes import COLORS, POSITIONS
 
 
+PALETTE_NAMES = list(COLORS)
+PALETTE = np.array([COLORS[name] for name in PALETTE_NAMES], dtype=np.float32)  # [K, 3]
+
 # Upper bounds of the fill ratio (object area / bounding-box area) per shape: midpoints between the rendered shapes'
 # ratios, star 0.384, triangle 0.5, circle pi / 4 = 0.785, square 1.
 _FILL_THRESHOLDS = [(0.44, "star"), (0.64, "triangle"), (0.89, "circle"), (float("inf"), "square")]
-
-
-PALETTE_NAMES = list(COLORS)
-PALETTE = np.array([COLORS[name] for name in PALETTE_NAMES], dtype=np.float32)  # [K, 3]
 
 
 @dataclass
