@@ -85,16 +85,30 @@ def _polygon(shape: str, cx: float, cy: float, radius: float) -> list:
     return points
 
 
+def unit_area(shape: str) -> float:
+    """Area of ``shape`` drawn with radius 1 (the radius `draw_shape` takes)."""
+    if shape == "circle":
+        return math.pi
+    points = _polygon(shape, 0.0, 0.0, 1.0)
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]))) / 2
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, fill) -> None:
+    """Draw ``shape`` centred on ``(cx, cy)`` in pixels: the circle's radius, the other shapes' circumradius (the
+    square's half side is ``0.85 * radius``); triangles and stars point up."""
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, radius), fill=fill)
+
+
 def render_scene(scene: SceneSpec, resolution: int) -> Image.Image:
     image = Image.new("RGB", (resolution, resolution), COLORS[scene.background])
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         fx, fy = POSITIONS[obj.position]
-        cx, cy, radius = fx * resolution, fy * resolution, SIZES[obj.size] * resolution / 2 * 1.6
-        if obj.shape == "circle":
-            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=COLORS[obj.color])
-        else:
-            draw.polygon(_polygon(obj.shape, cx, cy, radius), fill=COLORS[obj.color])
+        radius = SIZES[obj.size] * resolution / 2 * 1.6
+        draw_shape(draw, obj.shape, fx * resolution, fy * resolution, radius, COLORS[obj.color])
     return image
 
 

@@ -2,25 +2,22 @@
 
 It reads the picture the way the captions describe it: the background is the palette colour of the border; every
 other pixel is assigned to its nearest palette colour; the object colour is the most frequent non-background colour;
-its position is the nearest of the nine named positions to that colour's centroid; its shape is read off how much of
-its bounding box it fills (square 1, circle pi/4, star about 0.38, triangle 0.5).
+its position is the nearest of the nine named positions to that colour's centroid; its shape is the one whose
+outline, drawn upright at that centroid with the same area, overlaps the object's pixels best (intersection over
+union). Matching whole outlines rather than, say, a bounding-box fill ratio keeps a slightly blurred star a star.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from .shapes import COLORS, POSITIONS
+from .shapes import COLORS, POSITIONS, SHAPES, draw_shape, unit_area
 
 
 PALETTE_NAMES = list(COLORS)
 PALETTE = np.array([COLORS[name] for name in PALETTE_NAMES], dtype=np.float32)  # [K, 3]
-
-# Upper bounds of the fill ratio (object area / bounding-box area) per shape: midpoints between the rendered shapes'
-# ratios, star 0.384, triangle 0.5, circle pi / 4 = 0.785, square 1.
-_FILL_THRESHOLDS = [(0.44, "star"), (0.64, "triangle"), (0.89, "circle"), (float("inf"), "square")]
 
 
 @dataclass
@@ -41,6 +38,21 @@ def _as_array(image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
+def read_shape(mask: np.ndarray) -> str:
+    """The shape of the object ``mask [H, W]`` (bool): the best intersection over union with each shape's outline
+    drawn at the mask's centroid with the mask's area."""
+    ys, xs = np.nonzero(mask)
+    best_iou, best_shape = -1.0, None
+    for shape in SHAPES:
+        template = Image.new("1", (mask.shape[1], mask.shape[0]))
+        draw_shape(ImageDraw.Draw(template), shape, xs.mean(), ys.mean(), np.sqrt(len(xs) / unit_area(shape)), 1)
+        template = np.asarray(template)
+        iou = (template & mask).sum() / (template | mask).sum()
+        if iou > best_iou:
+            best_iou, best_shape = iou, shape
+    return best_shape
+
+
 def detect_shape(image, min_area: float = 0.005) -> Detection:
     pixels = _as_array(image)
     height, width, _ = pixels.shape
@@ -53,11 +65,10 @@ def detect_shape(image, min_area: float = 0.005) -> Detection:
     area = counts[color] / (height * width)
     if area < min_area:
         return Detection(PALETTE_NAMES[background], None, None, float(area))
-    ys, xs = np.nonzero(labels == color)
+    mask = labels == color
+    ys, xs = np.nonzero(mask)
     center = np.array([xs.mean() / width, ys.mean() / height])
     names = list(POSITIONS)
     distances = [np.sum((center - np.array(POSITIONS[name])) ** 2) for name in names]
-    fill = len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
-    shape = next(name for threshold, name in _FILL_THRESHOLDS if fill < threshold)
     return Detection(PALETTE_NAMES[background], PALETTE_NAMES[color], names[int(np.argmin(distances))], float(area),
-                     shape)  # fmt: skip
+                     read_shape(mask))  # fmt: skip
