@@ -1,26 +1,31 @@
 """Training: the teacher-forced mask equals cached inference, losses decrease, resume is bit-exact, shapes data."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw, ImageFilter
 
 from bitdance_diffusers import BitDancePipeline, BitDanceTokenizer
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 from bitdance_diffusers.training import (
     ShapesDataset,
     T2IObjectiveConfig,
+    TokenizerObjectiveConfig,
     TrainingConfig,
     bit_usage,
     psnr,
     ssim,
     t2i_training_loss,
+    tokenizer_training_loss,
     teacher_forced_conditions,
     train_text_to_image,
     train_tokenizer,
 )
 from bitdance_diffusers.training.demo import DemoConfig, train_shapes_demo
-from bitdance_diffusers.training.tokenizer_objective import foreground_weights
+from bitdance_diffusers.training.tokenizer_objective import foreground_weights, pixel_differences
 from bitdance_diffusers.training.trainer import _lr_factor
-from bitdance_diffusers.training.shapes_detector import detect_shape
+from bitdance_diffusers.training.shapes import SHAPES, draw_shape, render_scene, unit_area
+from bitdance_diffusers.training.shapes_detector import detect_shape, read_shape
 from bitdance_diffusers.utils.token_layout import grid_to_sequence
 
 
@@ -72,6 +77,33 @@ def test_tokenizer_training_reduces_loss_and_resumes_exactly(tmp_path):
     assert resumed_losses == losses[6:]
     for (name, a), b in zip(reloaded.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_decoder_fine_tuning_keeps_the_codes(tmp_path):
+    dataset = ShapesDataset(4, resolution=64, seed=1)
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(4)])
+    vae = tiny_vae()
+    encoder_before = {name: tensor.clone() for name, tensor in vae.encoder.state_dict().items()}
+    decoder_before = {name: tensor.clone() for name, tensor in vae.decoder.state_dict().items()}
+    codes_before = vae.encode(images).codes
+    objective = TokenizerObjectiveConfig(decoder_only=True, edge_weight=1.0)
+    _, parts = tokenizer_training_loss(vae, images, objective)
+    assert set(parts) == {"reconstruction", "edge"}
+    losses = train_tokenizer(vae, dataset, TrainingConfig(output_dir=str(tmp_path), max_steps=12, batch_size=4,
+                                                          learning_rate=3e-3, warmup_steps=1), objective)  # fmt: skip
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    for name, tensor in vae.encoder.state_dict().items():
+        assert torch.equal(tensor, encoder_before[name]), name
+    assert torch.equal(vae.encode(images).codes, codes_before)
+    assert any(not torch.equal(t, decoder_before[n]) for n, t in vae.decoder.state_dict().items())
+
+
+def test_edge_loss_compares_pixel_differences():
+    flat, ramp = torch.zeros(1, 3, 8, 8), torch.arange(8.0).expand(1, 3, 8, 8) / 8
+    vertical, horizontal = pixel_differences(ramp)
+    assert vertical.shape == (1, 3, 7, 8) and torch.all(vertical == 0)
+    assert horizontal.shape == (1, 3, 8, 7) and torch.allclose(horizontal, torch.full_like(horizontal, 1 / 8))
+    assert all(torch.all(d == 0) for d in pixel_differences(flat + 0.5))
 
 
 def test_text_to_image_training_reduces_loss_and_resumes_exactly(tmp_path):
@@ -128,13 +160,23 @@ def test_shapes_dataset_is_deterministic_and_captioned():
     assert " background" in item["caption"] and item["caption"].startswith("a ")
 
 
-def test_shapes_detector_reads_rendered_scenes():
-    dataset = ShapesDataset(60, resolution=128, seed=11, max_objects=1)
-    for index in range(60):
-        scene, detection = dataset.scene(index), detect_shape(dataset[index]["pixel_values"])
+@pytest.mark.parametrize("resolution,blur", [(64, 0), (128, 0), (256, 0), (128, 2)])
+def test_shapes_detector_reads_rendered_scenes(resolution, blur):
+    dataset = ShapesDataset(40, resolution=resolution, seed=11, max_objects=1)
+    for index in range(40):
+        scene = dataset.scene(index)
+        detection = detect_shape(render_scene(scene, resolution).filter(ImageFilter.GaussianBlur(blur)))
         assert (detection.color, detection.position, detection.background, detection.shape) == (
             scene.objects[0].color, scene.objects[0].position, scene.background, scene.objects[0].shape
         ), scene.caption()
+
+
+def test_shape_reader_tells_each_outline_from_the_others():
+    for shape in SHAPES:
+        mask = Image.new("1", (96, 96))
+        draw_shape(ImageDraw.Draw(mask), shape, 40.0, 52.0, 25.0, 1)
+        assert read_shape(np.asarray(mask)) == shape
+        assert np.asarray(mask).sum() == pytest.approx(unit_area(shape) * 25.0**2, rel=0.1)  # PIL fills the edge pixels too
 
 
 def test_learning_rate_schedules():
@@ -152,8 +194,9 @@ def test_demo_recipe_runs_end_to_end(tmp_path):
     config = DemoConfig(num_images=16, tokenizer_resolution=64)
     steps = dict(max_steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, output_dir="", lr_schedule="cosine")
     train_shapes_demo(str(tmp_path), TrainingConfig(**steps), TrainingConfig(**steps), config,
-                      tokenizer_finetuning=TrainingConfig(**steps))  # fmt: skip
-    assert (tmp_path / "vae" / "checkpoint-2").is_dir() and (tmp_path / "vae-finetune" / "checkpoint-2").is_dir()
+                      tokenizer_finetuning=TrainingConfig(**steps), decoder_finetuning=TrainingConfig(**steps))  # fmt: skip
+    for stage in ("vae", "vae-finetune", "vae-decoder", "t2i"):
+        assert (tmp_path / stage / "checkpoint-2").is_dir(), stage
     pipe = BitDancePipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.tokenizer.convert_tokens_to_ids("<|query_15|>") != pipe.tokenizer.unk_token_id
     assert len(pipe.tokenizer.tokenize("a small red circle at the top left")) < 12  # real BPE merges, not bytes

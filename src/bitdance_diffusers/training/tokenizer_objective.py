@@ -5,6 +5,9 @@ original's ImageNet quantiser: the ``C`` channels form groups of ``bits_per_grou
 assignment over its ``2 ** bits_per_group`` ±1 codewords is ``softmax(2 <h, codeword> / temperature)``; the loss is
 the mean per-token entropy (pushes each token to one code) minus the entropy of the batch-averaged assignment (pushes
 the batch to use every code). A commitment term ``|h - sign(h)|^2`` keeps pre-quantisation values near ±1.
+
+With ``decoder_only`` the encoder is frozen and only the decoder learns to draw the fixed codes: the codes, and so any
+generator trained on them, stay valid (the way latent-diffusion VAEs get their decoders fine-tuned).
 """
 
 from dataclasses import dataclass
@@ -26,6 +29,10 @@ class TokenizerObjectiveConfig:
     # Weight of foreground pixels (those far from the image's border colour) in the reconstruction loss; 1 = off.
     # For plain-background images such as the shapes set, where small objects are a few percent of the pixels.
     foreground_weight: float = 1.0
+    # Weight of an L1 loss between the horizontal and vertical pixel differences of reconstruction and image: it
+    # rewards sharp outlines, which a plain pixel loss lets blur. 0 = off.
+    edge_weight: float = 0.0
+    decoder_only: bool = False  # freeze the encoder (and so the codes); train the decoder alone
 
 
 def straight_through_sign(latents: torch.Tensor) -> torch.Tensor:
@@ -57,7 +64,8 @@ def tokenizer_training_loss(
     vae: BitDanceTokenizer, images: torch.Tensor, config: TokenizerObjectiveConfig = TokenizerObjectiveConfig()
 ) -> tuple[torch.Tensor, dict]:
     """Total loss and its parts for ``images [B, 3, H, W]`` in [-1, 1]."""
-    latents = vae.encoder(images)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not config.decoder_only):
+        latents = vae.encoder(images)
     codes = straight_through_sign(latents)
     noise = torch.randn_like(codes) if vae.config.gan_decoder else None
     reconstruction = vae.decoder(codes, noise)
@@ -69,10 +77,21 @@ def tokenizer_training_loss(
         raise ValueError(f"reconstruction must be 'l1' or 'l2', got {config.reconstruction!r}.")
     weights = foreground_weights(images, config.foreground_weight) if config.foreground_weight != 1 else None
     recon_loss = errors.mean() if weights is None else (errors * weights).sum() / (weights.sum() * images.shape[1])
-    ent = entropy_loss(latents, config.bits_per_group, config.temperature)
-    commit = (latents - binarize(latents).detach()).pow(2).mean()
-    total = recon_loss + config.entropy_weight * ent + config.commitment_weight * commit
-    return total, {"reconstruction": recon_loss.detach(), "entropy": ent.detach(), "commitment": commit.detach()}
+    parts = {"reconstruction": recon_loss}
+    if config.edge_weight:
+        parts["edge"] = sum((a - b).abs().mean() for a, b in zip(pixel_differences(reconstruction), pixel_differences(images)))
+    if not config.decoder_only:  # with a frozen encoder these terms are constants
+        parts["entropy"] = entropy_loss(latents, config.bits_per_group, config.temperature)
+        parts["commitment"] = (latents - binarize(latents).detach()).pow(2).mean()
+    loss_weights = {"reconstruction": 1.0, "edge": config.edge_weight, "entropy": config.entropy_weight,
+                    "commitment": config.commitment_weight}  # fmt: skip
+    total = sum(loss_weights[name] * value for name, value in parts.items())
+    return total, {name: value.detach() for name, value in parts.items()}
+
+
+def pixel_differences(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical ``[B, C, H - 1, W]`` and horizontal ``[B, C, H, W - 1]`` neighbour differences of ``images``."""
+    return images[..., 1:, :] - images[..., :-1, :], images[..., :, 1:] - images[..., :, :-1]
 
 
 def foreground_weights(images: torch.Tensor, weight: float, threshold: float = 0.3) -> torch.Tensor:

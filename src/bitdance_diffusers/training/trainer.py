@@ -42,6 +42,7 @@ class TokenizerTrainingModule(torch.nn.Module):
     def __init__(self, vae: BitDanceTokenizer, objective: TokenizerObjectiveConfig):
         super().__init__()
         self.vae, self.objective = vae, objective
+        vae.encoder.requires_grad_(not objective.decoder_only)
 
     def forward(self, batch: dict, generator: torch.Generator):
         return tokenizer_training_loss(self.vae, batch["pixel_values"], self.objective)
