@@ -3,7 +3,8 @@
     python examples/train_shapes_demo.py --output_dir runs/shapes
 
 The default recipe is the one of the model shipped in ``src/bitdance_diffusers/pretrained/bitdance-shapes-128``:
-the binary tokenizer trains at 64x64, is fine-tuned at 128x128, then the generator trains on its codes. Interrupted
+the binary tokenizer trains at 64x64 and is fine-tuned at 128x128, its decoder alone is then fine-tuned to draw
+sharper outlines from the fixed codes, and the generator trains on those codes. Interrupted
 runs resume from the latest checkpoint in ``--output_dir``. The result, ``runs/shapes/pipeline``, loads with
 ``BitDancePipeline.from_pretrained``.
 """
@@ -23,7 +24,11 @@ def main():
     parser.add_argument("--tokenizer_finetune_batch_size", type=int, default=8)
     parser.add_argument("--tokenizer_learning_rate", type=float, default=2e-3)
     parser.add_argument("--tokenizer_finetune_learning_rate", type=float, default=5e-4)
-    parser.add_argument("--t2i_steps", type=int, default=4000)
+    parser.add_argument("--decoder_finetune_steps", type=int, default=1500,
+                        help="then the decoder alone, at 128x128, on the fixed codes (0 to skip)")
+    parser.add_argument("--decoder_finetune_learning_rate", type=float, default=3e-4)
+    parser.add_argument("--edge_weight", type=float, default=1.0, help="weight of the decoder stage's outline loss")
+    parser.add_argument("--t2i_steps", type=int, default=8000)
     parser.add_argument("--t2i_batch_size", type=int, default=16)
     parser.add_argument("--t2i_learning_rate", type=float, default=1e-3)
     parser.add_argument("--checkpoint_every", type=int, default=250)
@@ -34,23 +39,27 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    common = dict(output_dir=args.output_dir, lr_schedule="cosine", checkpoint_every=args.checkpoint_every,
-                  seed=args.seed)  # fmt: skip
-    finetuning = None
-    if args.tokenizer_finetune_steps:
-        finetuning = TrainingConfig(max_steps=args.tokenizer_finetune_steps, batch_size=args.tokenizer_finetune_batch_size,
-                                    learning_rate=args.tokenizer_finetune_learning_rate, warmup_steps=50, **common)  # fmt: skip
+    def stage(steps, batch_size, learning_rate, warmup_steps):
+        """One training stage of the recipe; ``None`` when it has no steps."""
+        if not steps:
+            return None
+        return TrainingConfig(output_dir=args.output_dir, max_steps=steps, batch_size=batch_size,
+                              learning_rate=learning_rate, warmup_steps=warmup_steps, lr_schedule="cosine",
+                              checkpoint_every=args.checkpoint_every, seed=args.seed)  # fmt: skip
+
+    objective = dict(reconstruction=args.tokenizer_loss, foreground_weight=args.foreground_weight)
     train_shapes_demo(
         args.output_dir,
-        TrainingConfig(max_steps=args.tokenizer_steps, batch_size=args.tokenizer_batch_size,
-                       learning_rate=args.tokenizer_learning_rate, warmup_steps=100, **common),  # fmt: skip
-        TrainingConfig(max_steps=args.t2i_steps, batch_size=args.t2i_batch_size, learning_rate=args.t2i_learning_rate,
-                       warmup_steps=200, **common),  # fmt: skip
+        stage(args.tokenizer_steps, args.tokenizer_batch_size, args.tokenizer_learning_rate, 100),
+        stage(args.t2i_steps, args.t2i_batch_size, args.t2i_learning_rate, 200),
         DemoConfig(tokenizer_resolution=args.tokenizer_resolution),
         seed=args.seed,
-        tokenizer_objective=TokenizerObjectiveConfig(reconstruction=args.tokenizer_loss,
-                                                     foreground_weight=args.foreground_weight),
-        tokenizer_finetuning=finetuning,
+        tokenizer_objective=TokenizerObjectiveConfig(**objective),
+        tokenizer_finetuning=stage(args.tokenizer_finetune_steps, args.tokenizer_finetune_batch_size,
+                                   args.tokenizer_finetune_learning_rate, 50),  # fmt: skip
+        decoder_finetuning=stage(args.decoder_finetune_steps, args.tokenizer_finetune_batch_size,
+                                 args.decoder_finetune_learning_rate, 50),  # fmt: skip
+        decoder_objective=TokenizerObjectiveConfig(**objective, edge_weight=args.edge_weight, decoder_only=True),
     )
 
 

@@ -130,26 +130,34 @@ def train_shapes_demo(
     seed: int = 0,
     tokenizer_objective: TokenizerObjectiveConfig = TokenizerObjectiveConfig(),
     tokenizer_finetuning: TrainingConfig | None = None,
+    decoder_finetuning: TrainingConfig | None = None,
+    decoder_objective: TokenizerObjectiveConfig = TokenizerObjectiveConfig(decoder_only=True),
 ) -> BitDancePipeline:
     """Train the demo model and save the pipeline to ``output_dir/pipeline``.
 
     The binary tokenizer trains at ``config.tokenizer_resolution`` (checkpoints in ``output_dir/vae``), then, with
-    ``tokenizer_finetuning``, at ``config.resolution`` (``output_dir/vae-finetune``); the generator trains on the
-    frozen tokenizer's codes (``output_dir/t2i``). Every stage resumes from its latest checkpoint.
+    ``tokenizer_finetuning``, at ``config.resolution`` (``output_dir/vae-finetune``); with ``decoder_finetuning`` its
+    decoder alone then learns to draw the now fixed codes (``output_dir/vae-decoder``, ``decoder_objective``). The
+    generator trains on the frozen tokenizer's codes (``output_dir/t2i``). Every stage resumes from its latest
+    checkpoint.
     """
+    if not decoder_objective.decoder_only:
+        raise ValueError("decoder_objective must have decoder_only=True: the codes are fixed once the tokenizer is.")
     dataset = ShapesDataset(config.num_images, resolution=config.resolution, seed=seed,
                             max_objects=config.max_objects)  # fmt: skip
     text_tokenizer = train_text_tokenizer([dataset.scene(i).caption() for i in range(5000)], config.text_vocab_size)
 
     torch.manual_seed(seed)
     vae = BitDanceTokenizer(**config.vae)
-    stages = [(tokenizer_training, config.tokenizer_resolution, "vae")]
+    stages = [(tokenizer_training, config.tokenizer_resolution, "vae", tokenizer_objective)]
     if tokenizer_finetuning is not None:
-        stages.append((tokenizer_finetuning, config.resolution, "vae-finetune"))
-    for training, resolution, name in stages:
+        stages.append((tokenizer_finetuning, config.resolution, "vae-finetune", tokenizer_objective))
+    if decoder_finetuning is not None:
+        stages.append((decoder_finetuning, config.resolution, "vae-decoder", decoder_objective))
+    for training, resolution, name, objective in stages:
         training.output_dir = f"{output_dir}/{name}"
         images = ShapesDataset(config.num_images, resolution=resolution, seed=seed, max_objects=config.max_objects)
-        train_tokenizer(vae, images, training, tokenizer_objective)
+        train_tokenizer(vae, images, training, objective)
 
     torch.manual_seed(seed + 1)
     pipe = build_demo_pipeline(config, text_tokenizer, vae)
