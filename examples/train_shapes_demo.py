@@ -38,6 +38,8 @@ def main():
                         help="reconstruction weight of the shapes' pixels against the background's")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.tokenizer_steps <= 0 or args.t2i_steps <= 0:
+        parser.error("--tokenizer_steps and --t2i_steps must be positive: the tokenizer and the generator must train.")
 
     def stage(steps, batch_size, learning_rate, warmup_steps):
         """One training stage of the recipe; ``None`` when it has no steps."""
