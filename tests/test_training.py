@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from bitdance_diffusers import BitDancePipeline, BitDanceTokenizer
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 from bitdance_diffusers.training import (
+    PatchDiscriminator,
     ShapesDataset,
     T2IObjectiveConfig,
     TokenizerObjectiveConfig,
@@ -60,20 +61,23 @@ def tiny_vae():
     return BitDanceTokenizer(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32)
 
 
-def test_tokenizer_training_reduces_loss_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("gan_weight", [0.0, 0.1])
+def test_tokenizer_training_reduces_loss_and_resumes_exactly(tmp_path, gan_weight):
     dataset = ShapesDataset(4, resolution=64, seed=1)
+    objective = TokenizerObjectiveConfig(gan_weight=gan_weight, discriminator_channels=8, discriminator_layers=2)
     config = TrainingConfig(output_dir=str(tmp_path / "a"), max_steps=12, batch_size=4, learning_rate=3e-3,
                             warmup_steps=1, checkpoint_every=6)  # fmt: skip
-    losses = train_tokenizer(tiny_vae(), dataset, config)
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    losses = train_tokenizer(tiny_vae(), dataset, config, objective)
+    if not gan_weight:  # with a discriminator the total is a two-player game's, not one that must fall
+        assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     reloaded = BitDanceTokenizer.from_pretrained(tmp_path / "a" / "final")
 
     # Stop after 6 steps, then resume from the checkpoint in a fresh model: same weights as the uninterrupted run.
     partial = TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b"), "max_steps": 6})
-    train_tokenizer(tiny_vae(), dataset, partial)
+    train_tokenizer(tiny_vae(), dataset, partial, objective)
     resumed_config = TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b")})
     resumed = tiny_vae()
-    resumed_losses = train_tokenizer(resumed, dataset, resumed_config)
+    resumed_losses = train_tokenizer(resumed, dataset, resumed_config, objective)
     assert resumed_losses == losses[6:]
     for (name, a), b in zip(reloaded.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -96,6 +100,28 @@ def test_decoder_fine_tuning_keeps_the_codes(tmp_path):
         assert torch.equal(tensor, encoder_before[name]), name
     assert torch.equal(vae.encode(images).codes, codes_before)
     assert any(not torch.equal(t, decoder_before[n]) for n, t in vae.decoder.state_dict().items())
+
+
+def test_adversarial_loss_trains_each_player_on_its_own_term():
+    images = torch.stack([item["pixel_values"] for item in ShapesDataset(2, resolution=64, seed=4)])
+    torch.manual_seed(1)
+    discriminator = PatchDiscriminator(base_channels=8, num_layers=2)
+    assert discriminator(images).shape == (2, 1, 14, 14)
+    with pytest.raises(ValueError, match="needs a discriminator"):
+        tokenizer_training_loss(tiny_vae(), images, TokenizerObjectiveConfig(gan_weight=0.1))
+
+    def gradients(gan_weight):
+        vae = tiny_vae()
+        discriminator.zero_grad()
+        loss, parts = tokenizer_training_loss(vae, images, TokenizerObjectiveConfig(gan_weight=gan_weight), discriminator)
+        loss.backward()
+        assert {"adversarial", "discriminator"} <= set(parts)
+        return [p.grad.clone() for p in discriminator.parameters()], vae.decoder.conv_out.weight.grad.clone()
+
+    (critic_a, decoder_a), (critic_b, decoder_b) = gradients(0.1), gradients(1.0)
+    for a, b in zip(critic_a, critic_b):  # the discriminator learns from its hinge loss only
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(decoder_a, decoder_b)  # the tokenizer feels the adversarial weight
 
 
 def test_edge_loss_compares_pixel_differences():
@@ -194,8 +220,11 @@ def test_demo_recipe_runs_end_to_end(tmp_path):
     config = DemoConfig(num_images=16, tokenizer_resolution=64)
     steps = dict(max_steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, output_dir="", lr_schedule="cosine")
     train_shapes_demo(str(tmp_path), TrainingConfig(**steps), TrainingConfig(**steps), config,
-                      tokenizer_finetuning=TrainingConfig(**steps), decoder_finetuning=TrainingConfig(**steps))  # fmt: skip
-    for stage in ("vae", "vae-finetune", "vae-decoder", "t2i"):
+                      tokenizer_finetuning=TrainingConfig(**steps), decoder_finetuning=TrainingConfig(**steps),
+                      adversarial_finetuning=TrainingConfig(**steps),
+                      adversarial_objective=TokenizerObjectiveConfig(decoder_only=True, gan_weight=0.1,
+                                                                     discriminator_channels=8))  # fmt: skip
+    for stage in ("vae", "vae-finetune", "vae-decoder", "vae-gan", "t2i"):
         assert (tmp_path / stage / "checkpoint-2").is_dir(), stage
     pipe = BitDancePipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.tokenizer.convert_tokens_to_ids("<|query_15|>") != pipe.tokenizer.unk_token_id

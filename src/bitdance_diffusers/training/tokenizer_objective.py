@@ -6,6 +6,10 @@ assignment over its ``2 ** bits_per_group`` ±1 codewords is ``softmax(2 <h, cod
 the mean per-token entropy (pushes each token to one code) minus the entropy of the batch-averaged assignment (pushes
 the batch to use every code). A commitment term ``|h - sign(h)|^2`` keeps pre-quantisation values near ±1.
 
+With ``gan_weight > 0`` a `PatchDiscriminator` joins the game (hinge loss): the discriminator learns to tell images
+from reconstructions while the tokenizer learns to fool it; both update in the same optimizer step, each from its own
+term only. Off by default; enable it in a later stage, once reconstructions are already close, as VQGAN does.
+
 With ``decoder_only`` the encoder is frozen and only the decoder learns to draw the fixed codes: the codes, and so any
 generator trained on them, stay valid (the way latent-diffusion VAEs get their decoders fine-tuned).
 """
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..utils.token_layout import binarize
+from .discriminator import PatchDiscriminator, adversarial_loss, hinge_discriminator_loss
 
 
 @dataclass
@@ -33,6 +38,9 @@ class TokenizerObjectiveConfig:
     # rewards sharp outlines, which a plain pixel loss lets blur. 0 = off.
     edge_weight: float = 0.0
     decoder_only: bool = False  # freeze the encoder (and so the codes); train the decoder alone
+    gan_weight: float = 0.0  # weight of the adversarial loss; 0 = off (no discriminator)
+    discriminator_channels: int = 64
+    discriminator_layers: int = 3
 
 
 def straight_through_sign(latents: torch.Tensor) -> torch.Tensor:
@@ -61,9 +69,14 @@ def entropy_loss(latents: torch.Tensor, bits_per_group: int, temperature: float)
 
 
 def tokenizer_training_loss(
-    vae: BitDanceTokenizer, images: torch.Tensor, config: TokenizerObjectiveConfig = TokenizerObjectiveConfig()
+    vae: BitDanceTokenizer,
+    images: torch.Tensor,
+    config: TokenizerObjectiveConfig = TokenizerObjectiveConfig(),
+    discriminator: PatchDiscriminator | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Total loss and its parts for ``images [B, 3, H, W]`` in [-1, 1]."""
+    """Total loss and its parts for ``images [B, 3, H, W]`` in [-1, 1]; ``discriminator`` when ``gan_weight > 0``."""
+    if config.gan_weight and discriminator is None:
+        raise ValueError("gan_weight > 0 needs a discriminator: pass a PatchDiscriminator (train_tokenizer makes one).")
     with torch.set_grad_enabled(torch.is_grad_enabled() and not config.decoder_only):
         latents = vae.encoder(images)
     codes = straight_through_sign(latents)
@@ -83,8 +96,12 @@ def tokenizer_training_loss(
     if not config.decoder_only:  # with a frozen encoder these terms are constants
         parts["entropy"] = entropy_loss(latents, config.bits_per_group, config.temperature)
         parts["commitment"] = (latents - binarize(latents).detach()).pow(2).mean()
+    if config.gan_weight:
+        parts["adversarial"] = adversarial_loss(discriminator, reconstruction)
+        parts["discriminator"] = hinge_discriminator_loss(discriminator(images), discriminator(reconstruction.detach()))
     loss_weights = {"reconstruction": 1.0, "edge": config.edge_weight, "entropy": config.entropy_weight,
-                    "commitment": config.commitment_weight}  # fmt: skip
+                    "commitment": config.commitment_weight, "adversarial": config.gan_weight,
+                    "discriminator": 1.0}  # fmt: skip
     total = sum(loss_weights[name] * value for name, value in parts.items())
     return total, {name: value.detach() for name, value in parts.items()}
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..pipelines.pipeline_bitdance import BitDancePipeline
+from .discriminator import PatchDiscriminator
 from .t2i_objective import T2IObjectiveConfig, t2i_training_loss
 from .tokenizer_objective import TokenizerObjectiveConfig, tokenizer_training_loss
 
@@ -43,9 +44,13 @@ class TokenizerTrainingModule(torch.nn.Module):
         super().__init__()
         self.vae, self.objective = vae, objective
         vae.encoder.requires_grad_(not objective.decoder_only)
+        self.discriminator = None
+        if objective.gan_weight:
+            self.discriminator = PatchDiscriminator(base_channels=objective.discriminator_channels,
+                                                    num_layers=objective.discriminator_layers)  # fmt: skip
 
     def forward(self, batch: dict, generator: torch.Generator):
-        return tokenizer_training_loss(self.vae, batch["pixel_values"], self.objective)
+        return tokenizer_training_loss(self.vae, batch["pixel_values"], self.objective, self.discriminator)
 
 
 class T2ITrainingModule(torch.nn.Module):
