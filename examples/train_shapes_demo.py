@@ -4,9 +4,9 @@
 
 The default recipe is the one of the model shipped in ``src/bitdance_diffusers/pretrained/bitdance-shapes-128``:
 the binary tokenizer trains at 64x64 and is fine-tuned at 128x128, its decoder alone is then fine-tuned to draw
-sharper outlines from the fixed codes, and the generator trains on those codes. Interrupted
-runs resume from the latest checkpoint in ``--output_dir``. The result, ``runs/shapes/pipeline``, loads with
-``BitDancePipeline.from_pretrained``.
+sharper outlines from the fixed codes, first with an outline loss, then against a patch discriminator, and the
+generator trains on those codes. Interrupted runs resume from the latest checkpoint in ``--output_dir``. The result,
+``runs/shapes/pipeline``, loads with ``BitDancePipeline.from_pretrained``.
 """
 
 import argparse
@@ -28,6 +28,10 @@ def main():
                         help="then the decoder alone, at 128x128, on the fixed codes (0 to skip)")
     parser.add_argument("--decoder_finetune_learning_rate", type=float, default=3e-4)
     parser.add_argument("--edge_weight", type=float, default=1.0, help="weight of the decoder stage's outline loss")
+    parser.add_argument("--adversarial_steps", type=int, default=400,
+                        help="then the decoder alone against a patch discriminator (0 to skip)")
+    parser.add_argument("--adversarial_learning_rate", type=float, default=1e-4)
+    parser.add_argument("--gan_weight", type=float, default=0.1)
     parser.add_argument("--t2i_steps", type=int, default=8000)
     parser.add_argument("--t2i_batch_size", type=int, default=16)
     parser.add_argument("--t2i_learning_rate", type=float, default=1e-3)
@@ -62,6 +66,10 @@ def main():
         decoder_finetuning=stage(args.decoder_finetune_steps, args.tokenizer_finetune_batch_size,
                                  args.decoder_finetune_learning_rate, 50),  # fmt: skip
         decoder_objective=TokenizerObjectiveConfig(**objective, edge_weight=args.edge_weight, decoder_only=True),
+        adversarial_finetuning=stage(args.adversarial_steps, args.tokenizer_finetune_batch_size,
+                                     args.adversarial_learning_rate, 50),  # fmt: skip
+        adversarial_objective=TokenizerObjectiveConfig(**objective, edge_weight=args.edge_weight, decoder_only=True,
+                                                       gan_weight=args.gan_weight),  # fmt: skip
     )
 
 

@@ -132,17 +132,20 @@ def train_shapes_demo(
     tokenizer_finetuning: TrainingConfig | None = None,
     decoder_finetuning: TrainingConfig | None = None,
     decoder_objective: TokenizerObjectiveConfig = TokenizerObjectiveConfig(decoder_only=True),
+    adversarial_finetuning: TrainingConfig | None = None,
+    adversarial_objective: TokenizerObjectiveConfig = TokenizerObjectiveConfig(decoder_only=True, gan_weight=0.1),
 ) -> BitDancePipeline:
     """Train the demo model and save the pipeline to ``output_dir/pipeline``.
 
     The binary tokenizer trains at ``config.tokenizer_resolution`` (checkpoints in ``output_dir/vae``), then, with
     ``tokenizer_finetuning``, at ``config.resolution`` (``output_dir/vae-finetune``); with ``decoder_finetuning`` its
-    decoder alone then learns to draw the now fixed codes (``output_dir/vae-decoder``, ``decoder_objective``). The
-    generator trains on the frozen tokenizer's codes (``output_dir/t2i``). Every stage resumes from its latest
-    checkpoint.
+    decoder alone then learns to draw the now fixed codes (``output_dir/vae-decoder``, ``decoder_objective``), and
+    with ``adversarial_finetuning`` it goes on against a discriminator (``output_dir/vae-gan``,
+    ``adversarial_objective``). The generator trains on the frozen tokenizer's codes (``output_dir/t2i``). Every stage
+    resumes from its latest checkpoint.
     """
-    if not decoder_objective.decoder_only:
-        raise ValueError("decoder_objective must have decoder_only=True: the codes are fixed once the tokenizer is.")
+    if not (decoder_objective.decoder_only and adversarial_objective.decoder_only):
+        raise ValueError("The decoder stages' objectives need decoder_only=True: the codes are fixed by then.")
     dataset = ShapesDataset(config.num_images, resolution=config.resolution, seed=seed,
                             max_objects=config.max_objects)  # fmt: skip
     text_tokenizer = train_text_tokenizer([dataset.scene(i).caption() for i in range(5000)], config.text_vocab_size)
@@ -154,6 +157,8 @@ def train_shapes_demo(
         stages.append((tokenizer_finetuning, config.resolution, "vae-finetune", tokenizer_objective))
     if decoder_finetuning is not None:
         stages.append((decoder_finetuning, config.resolution, "vae-decoder", decoder_objective))
+    if adversarial_finetuning is not None:
+        stages.append((adversarial_finetuning, config.resolution, "vae-gan", adversarial_objective))
     for training, resolution, name, objective in stages:
         training.output_dir = f"{output_dir}/{name}"
         images = ShapesDataset(config.num_images, resolution=resolution, seed=seed, max_objects=config.max_objects)
