@@ -3,8 +3,8 @@
     python benchmarks/bench_shapes_quality.py [--model FOLDER] [--num_prompts 100] [--json rows.jsonl]
 
 Over held-out prompts (scenes of a seed never used in training): the fraction of images whose dominant object colour,
-position (3x3 grid), background colour and shape (from how much of its bounding box the object fills) match the
-prompt; and the tokenizer's reconstruction PSNR on held-out images, and the shape read on its reconstructions.
+position (3x3 grid), background colour and shape (the outline that best overlaps the object) match the prompt; and
+the tokenizer's reconstruction PSNR on held-out images, and the shape read on its reconstructions.
 """
 
 import argparse

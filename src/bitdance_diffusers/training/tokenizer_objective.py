@@ -92,7 +92,8 @@ def tokenizer_training_loss(
     recon_loss = errors.mean() if weights is None else (errors * weights).sum() / (weights.sum() * images.shape[1])
     parts = {"reconstruction": recon_loss}
     if config.edge_weight:
-        parts["edge"] = sum((a - b).abs().mean() for a, b in zip(pixel_differences(reconstruction), pixel_differences(images)))
+        differences = zip(pixel_differences(reconstruction), pixel_differences(images))
+        parts["edge"] = sum((drawn - target).abs().mean() for drawn, target in differences)
     if not config.decoder_only:  # with a frozen encoder these terms are constants
         parts["entropy"] = entropy_loss(latents, config.bits_per_group, config.temperature)
         parts["commitment"] = (latents - binarize(latents).detach()).pow(2).mean()
