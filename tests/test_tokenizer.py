@@ -53,14 +53,16 @@ def test_tokenizer_matches_original(converted, model, case):
 
 def test_slicing_gives_the_same_result(converted):
     vae = BitDanceTokenizer.from_pretrained(converted["ae_d32c64"])
-    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         codes = vae.encode(images).codes
         full = vae.decode(codes, generator=torch.Generator().manual_seed(0)).sample
         vae.enable_slicing()
         assert torch.equal(vae.encode(images).codes, codes)
         sliced = vae.decode(codes, generator=torch.Generator().manual_seed(0)).sample
-    assert torch.allclose(full, sliced, atol=1e-5)
+    # Same arithmetic; oneDNN blocks a batch-3 convolution differently from batch 1 (float32 rounding, up to ~3e-5 on
+    # images about 1 in size, depending on the input).
+    assert torch.allclose(full, sliced, atol=1e-4)
     with pytest.raises(NotImplementedError, match="tiles"):
         vae.enable_tiling()
 
