@@ -96,7 +96,7 @@ def run_ada_ln_head(head: ModelMixin, sample, timestep, condition, *block_args) 
     ``i`` takes the modulation of projection ``i // ada_ln_switch_freq``), then the final layer. ``block_args`` are
     passed to every block after ``(x, modulation)``."""
     x = head.input_proj(sample.to(head.dtype))
-    y = F.silu(head.time_embed(timestep).unsqueeze(1) + head.cond_embed(condition.to(head.dtype)))
+    y = F.silu(head.time_embed(timestep, head.dtype).unsqueeze(1) + head.cond_embed(condition.to(head.dtype)))
     modulations = [projection(y) for projection in head.ada_ln_blocks]
     for index, block in enumerate(head.res_blocks):
         modulation = modulations[index // head.ada_ln_switch_freq]

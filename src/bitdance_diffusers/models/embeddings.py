@@ -47,7 +47,7 @@ class TimestepEmbedding(nn.Module):
         args = (1000 * t.float())[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """``[B]`` -> ``[B, hidden_size]``."""
-        frequencies = self.sinusoid(t)
-        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[B]`` -> ``[B, hidden_size]``, computed in ``dtype``: the owning model's compute dtype (under weight
+        quantization the layers' weights are integer containers and do not tell it)."""
+        return self.mlp(self.sinusoid(t).to(dtype))
