@@ -25,7 +25,8 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        "test": ["pytest>=8.0", "torchao>=0.17", "bitsandbytes>=0.48"],
+        "quantization": ["torchao>=0.17", "bitsandbytes>=0.45"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["bitdance=bitdance_diffusers.cli:main"]},

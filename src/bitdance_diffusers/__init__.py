@@ -18,6 +18,7 @@ from .models import (
     BitDanceTokenizer,
 )
 from .pipelines import BitDanceImageNetPipeline, BitDancePipeline
+from .quantization import QUANTIZATION_SCHEMES, pipeline_quantization_config, quantize_model_
 from .schedulers import BinaryFlowScheduler
 
 
@@ -37,4 +38,7 @@ __all__ = [
     "BitDancePipeline",
     "BitDanceProjector",
     "BitDanceTokenizer",
+    "QUANTIZATION_SCHEMES",
+    "pipeline_quantization_config",
+    "quantize_model_",
 ]

@@ -12,13 +12,16 @@ import sys
 
 import torch
 
+from .quantization import QUANTIZATION_SCHEMES, pipeline_quantization_config
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_pipeline(model: str | None, dtype: torch.dtype, device: str):
-    """The pipeline at ``model`` (folder or Hub id). Without one: the shapes model shipped with the package when it is
-    there, else a tiny randomly initialised pipeline built in memory."""
+def load_pipeline(model: str | None, dtype: torch.dtype, device: str, quantize: str | None = None):
+    """The pipeline at ``model`` (folder or Hub id), its heavy components quantized with the ``quantize`` scheme if
+    one is given. Without a model: the shapes model shipped with the package when it is there, else a tiny randomly
+    initialised pipeline built in memory."""
     from diffusers import DiffusionPipeline
 
     from .training.demo import DEMO_MODEL_PATH
@@ -31,6 +34,8 @@ def load_pipeline(model: str | None, dtype: torch.dtype, device: str):
         )
         model = str(DEMO_MODEL_PATH)
     if model is None:
+        if quantize is not None:
+            raise ValueError("--quantize applies to a saved pipeline; pass --model with a converted checkpoint folder.")
         from .random_pipeline import build_random_pipeline
 
         print(
@@ -39,11 +44,12 @@ def load_pipeline(model: str | None, dtype: torch.dtype, device: str):
             file=sys.stderr,
         )
         return build_random_pipeline("tiny", block_size=16, image_sizes=[[256, 256]], dtype=dtype).to(device)
-    return DiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
+    quantization_config = None if quantize is None else pipeline_quantization_config(quantize, compute_dtype=dtype)
+    return DiffusionPipeline.from_pretrained(model, dtype=dtype, quantization_config=quantization_config).to(device)
 
 
 def generate(args):
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
+    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device, args.quantize)
     generator = torch.Generator().manual_seed(args.seed)
     images = pipe(
         args.prompt,
@@ -88,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32" if not torch.cuda.is_available() else "bf16")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, default=None,
+                     help="Quantize the language model and head while loading (int8wo runs on CPU; see README).")
     gen.add_argument("--output", default="bitdance.png")
 
     conv = commands.add_parser(
