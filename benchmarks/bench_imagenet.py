@@ -14,6 +14,7 @@ import time
 
 import torch
 from bench_utils import (
+    DTYPES,
     append_rows,
     measure_gpu_ceilings,
     module_bytes,
@@ -27,7 +28,6 @@ from bitdance_diffusers import BitDanceTokenizer
 from bitdance_diffusers.random_pipeline import RANDOM_CONFIGS, build_random_imagenet_pipeline
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ComponentTimer:

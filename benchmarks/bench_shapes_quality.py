@@ -1,10 +1,11 @@
 """Quality of the shipped shapes model, measured with the pixel detector of the synthetic set.
 
-    python benchmarks/bench_shapes_quality.py [--model FOLDER] [--num_prompts 100] [--json rows.jsonl]
+    python benchmarks/bench_shapes_quality.py [--model FOLDER] [--num_prompts 100] [--quantize int8wo] [--json rows.jsonl]
 
 Over held-out prompts (scenes of a seed never used in training): the fraction of images whose dominant object colour,
 position (3x3 grid), background colour and shape (the outline that best overlaps the object) match the prompt; and
-the tokenizer's reconstruction PSNR on held-out images, and the shape read on its reconstructions.
+the tokenizer's reconstruction PSNR on held-out images, and the shape read on its reconstructions. ``--quantize``
+quantizes the language model and the head in place first (`quantize_model_`: any scheme that runs on the CPU).
 """
 
 import argparse
@@ -13,7 +14,8 @@ import time
 import torch
 from bench_utils import append_rows
 
-from bitdance_diffusers import BitDancePipeline
+from bitdance_diffusers import BitDancePipeline, quantize_model_
+from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES
 from bitdance_diffusers.training import ShapesDataset, psnr
 from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, HELD_OUT_SEED, score_held_out_prompts
 from bitdance_diffusers.training.shapes_detector import detect_shape
@@ -26,10 +28,14 @@ def main():
     parser.add_argument("--batch_size", type=int, default=10)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     pipe = BitDancePipeline.from_pretrained(args.model, dtype=torch.float32)
+    if args.quantize:
+        quantize_model_(pipe.language_model, args.quantize)
+        quantize_model_(pipe.diffusion_head, args.quantize)
     pipe.set_progress_bar_config(disable=True)
     resolution = pipe.config.image_sizes[0][0]
     held_out = ShapesDataset(args.num_prompts, resolution=resolution, seed=HELD_OUT_SEED, max_objects=1)
@@ -49,8 +55,9 @@ def main():
     row = {name: count / args.num_prompts for name, count in hits.items()}
     row.update(tokenizer_psnr_db=tokenizer_psnr, tokenizer_shape=reconstructed_shapes / args.num_prompts,
                prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
-               seconds_per_image=seconds / args.num_prompts, model=args.model)  # fmt: skip
-    print(f"\nshapes quality over {args.num_prompts} held-out prompts ({args.steps} steps, CFG {args.guidance})")
+               seconds_per_image=seconds / args.num_prompts, model=args.model, quantize=args.quantize)  # fmt: skip
+    print(f"\nshapes quality over {args.num_prompts} held-out prompts ({args.steps} steps, CFG {args.guidance}"
+          f"{', language model and head ' + args.quantize if args.quantize else ''})")
     print("metric               value    target")
     print(f"colour correct       {row['color']:.2f}     >= 0.90")
     print(f"position correct     {row['position']:.2f}     >= 0.80")

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 
 import torch
 from bench_utils import (
+    DTYPES,
+    add_t2i_run_arguments,
     append_rows,
     measure_gpu_ceilings,
     module_bytes,
@@ -34,11 +36,11 @@ from bench_utils import (
 )
 
 from bitdance_diffusers.pipelines.pipeline_bitdance import _cache_argument_name
+from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES, quantize_model_
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 
 
 CONFIGS = {"tiny": ("tiny", 16), "small": ("small", 64), "14b-16x": ("14b", 16), "14b-64x": ("14b", 64)}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPT = "a photo of a red fox sitting in fresh snow at sunrise, highly detailed"
 
 
@@ -200,18 +202,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--block_size", type=int, default=None, help="tokens per block (default: the config's)")
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--device", default="cpu")
+    add_t2i_run_arguments(parser)
     parser.add_argument("--cuda_graphs", action="store_true",
                         help="replay the head and the language-model block step from CUDA graphs (static KV cache)")
     parser.add_argument("--head_graphs_only", action="store_true", help="with --cuda_graphs: the eager language model")
-    parser.add_argument("--quantize", choices=["none", "fp8", "fp8-weight-only"], default="none",
-                        help="torchao float8 (dynamic activations or weight-only) for the language model and head")  # fmt: skip
+    parser.add_argument("--quantize", choices=["none", *QUANTIZATION_SCHEMES], default="none",
+                        help="torchao scheme for the language model and head (see bitdance_diffusers.quantization)")
     parser.add_argument("--scaling", action="store_true", help="also time head steps, batch sizes and guidance")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=1,
@@ -230,17 +226,10 @@ def main():
     pipe.vae.enable_slicing()  # decode images one at a time: batches up to 8 at 1024x1024 stay within memory
     sizes = weight_sizes(pipe)
     if args.quantize != "none":
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            Float8WeightOnlyConfig,
-            PerRow,
-            quantize_,
-        )
-
-        config = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if args.quantize == "fp8"
-                  else Float8WeightOnlyConfig())  # fmt: skip
-        quantize_(pipe.language_model, config)
-        quantize_(pipe.diffusion_head, config)
+        quantize_model_(pipe.language_model, args.quantize)
+        quantize_model_(pipe.diffusion_head, args.quantize)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.cuda_graphs:
         pipe.enable_cuda_graphs(backbone=not args.head_graphs_only)
 

@@ -9,6 +9,20 @@ import statistics
 import torch
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_t2i_run_arguments(parser):
+    """The text-to-image generation options every t2i benchmark takes: size, steps, guidance, batch, dtype, device."""
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cpu")
+
+
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

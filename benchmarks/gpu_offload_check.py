@@ -1,6 +1,8 @@
 """Offload modes on a GPU: each must give the codes of the resident run; prints latency and peak memory per mode.
 
-    python benchmarks/gpu_offload_check.py [--config small] [--height 256 --width 256]
+    python benchmarks/gpu_offload_check.py [--config small] [--height 256 --width 256] [--modes model_cpu_offload,...]
+
+The resident run always comes first (its codes are the reference); ``--modes`` picks the offload modes after it.
 """
 
 import argparse
@@ -10,6 +12,9 @@ import torch
 from diffusers.hooks import apply_group_offloading
 
 from bitdance_diffusers.random_pipeline import build_random_pipeline
+
+
+MODES = ("model_cpu_offload", "sequential_cpu_offload", "group_offload_language_model")
 
 
 def run(pipe, args):
@@ -28,7 +33,11 @@ def main():
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(set(modes) - set(MODES))}; choose from {', '.join(MODES)}")
 
     def fresh():
         pipe = build_random_pipeline(args.config, block_size=64, image_sizes=[[args.height, args.width]],
@@ -44,7 +53,7 @@ def main():
     del pipe
     torch.cuda.empty_cache()
 
-    for mode in ("model_cpu_offload", "sequential_cpu_offload", "group_offload_language_model"):
+    for mode in modes:
         pipe = fresh()
         if mode == "model_cpu_offload":
             pipe.enable_model_cpu_offload()

@@ -2,7 +2,7 @@
 # The GPU figures of benchmarks/RESULTS.md, in one call on a lent device machine (see the `device` tool):
 # tiny fp32 runs checking that the CUDA-graph path reproduces the eager images, then BitDance-14B-64x shapes at
 # 1024x1024: bf16 with CUDA graphs (+ scaling tables) and torchao fp8 against the bf16 image. Rows go to
-# $OUT/results.jsonl. Needs wheels of diffusers, transformers 5.24, torchao and importlib_metadata in .whl/.
+# $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
