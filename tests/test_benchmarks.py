@@ -38,6 +38,21 @@ def test_cuda_graphs_refuse_cpu_tensors():
     assert pipe("a red circle", height=128, width=128, num_inference_steps=1, output_type="latent").images.shape[0] == 1
 
 
+def test_quantization_benchmark_prints_its_table(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    output = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_quantization.py"), "--config", "tiny", "--height", "128", "--width",
+         "128", "--steps", "2", "--schemes", "int8wo", "--json", str(results)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for part in ("weights GiB", "tokens equal", "PSNR dB", "int8wo"):
+        assert part in output, part
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [row["scheme"] for row in rows] == ["none", "int8wo"]
+    assert rows[0]["token_agreement"] == 1.0 and 0 < rows[1]["token_agreement"] <= 1.0
+    # int8 weights with one scale per row: about half the bytes of the float32 linear weights, plus the norms.
+    assert rows[1]["weights_gib"] < 0.5 * rows[0]["weights_gib"]
+
 
 def test_imagenet_benchmark_prints_its_table(tmp_path):
     results = tmp_path / "rows.jsonl"
