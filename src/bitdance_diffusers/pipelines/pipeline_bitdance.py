@@ -255,7 +255,7 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         block_size = self.config.block_size
         sequences = [ids + prefix_ids for ids in row_ids]
         lengths = torch.tensor([len(s) for s in sequences], device=device)
-        max_length = int(lengths.max())
+        max_length = max(len(s) for s in sequences)  # from the host lists: no device sync
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.tensor([[pad_id] * (max_length - len(s)) + s for s in sequences], device=device)
         key_padding = torch.arange(max_length, device=device)[None] < (max_length - lengths)[:, None]
