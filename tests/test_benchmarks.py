@@ -65,3 +65,39 @@ def test_imagenet_benchmark_prints_its_table(tmp_path):
         assert part in output, part
     row = json.loads(results.read_text())
     assert row["images_per_s"] > 0 and [entry["batch"] for entry in row["scaling"]] == [1, 2]
+
+
+def test_live_storage_counter_counts_what_is_alive():
+    sys.path.insert(0, str(BENCHMARKS))
+    from estimate_memory import LiveStorageCounter
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mebibyte = 2**20
+    with FakeTensorMode():
+        weight = torch.empty(256, 1024)  # 1 MiB that exists before counting
+        counter = LiveStorageCounter([weight])
+        with counter:
+            a = torch.empty(1024, 1024)  # 4 MiB
+            b = a * 2
+            del a
+            c = b + 1
+            transposed = weight.t()  # a view of the weight: nothing new
+    assert counter.peaks["prefill"] == 8 * mebibyte and counter.live_bytes == 8 * mebibyte
+    assert transposed.shape == (1024, 256) and c.shape == b.shape
+
+
+def test_memory_estimate_prints_every_phase(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    output = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "estimate_memory.py"), "--config", "tiny", "--height", "128", "--width",
+         "128", "--quantize", "nf4", "--json", str(results)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for part in ("weights: language model", "peak beyond weights: block loop", "decode", "whole run"):
+        assert part in output, part
+    row = json.loads(results.read_text())
+    phases = row["beyond_weights_gib"]
+    assert set(phases) == {"prefill", "block loop", "decode"}
+    assert row["peak_gib"] == pytest.approx(row["weights_gib"] + max(phases.values()))
+    # The decoder's output alone: one 128x128 RGB image in bf16.
+    assert phases["decode"] * 2**30 >= 3 * 128 * 128 * 2
