@@ -1,29 +1,37 @@
 #!/usr/bin/env bash
-# The GPU figures of the memory modes (benchmarks/RESULTS.md), in one call on a lent device machine (see the `device`
-# tool), about 8 minutes on an H100:
-#   1. every quantization scheme through the loaders (PipelineQuantizationConfig), config small, against bf16;
-#   2. the 24 GB mode: BitDance-14B-64x shapes at 1024x1024, 50 steps, CFG 7.5, int8 weight-only and nf4, peak memory
-#      and latency, each image's PSNR against the bf16 image of the same seed;
-#   3. offload at 14B shapes (256x256, 10 steps): model offload and group offloading against the resident codes.
+# The GPU figures of the memory modes (benchmarks/RESULTS.md) on a lent device machine (see the `device` tool):
+#   loaders  every quantization scheme through the loaders (PipelineQuantizationConfig), config small, against bf16
+#            (about 1 minute);
+#   24gb     the 24 GB mode: BitDance-14B-64x shapes at 1024x1024, 50 steps, CFG 7.5, int8 weight-only and nf4 against
+#            the bf16 image of the same seed: peak memory, latency, PSNR (several minutes: run it in a call of its own);
+#   offload  model offload and group offloading at 14B shapes (256x256, 10 steps) against the resident codes.
+# Usage: benchmarks/gpu_memory_modes.sh [loaders] [24gb] [offload]   (no argument: all three)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
+PARTS=${*:-loaders 24gb offload}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 quiet() { grep -v -i -E "warn|Failed to load|torchao. Tensor"; }
 
-python3 benchmarks/bench_quantization.py --config small --device cuda --dtype bf16 --schemes int8wo,fp8wo,fp8,nf4,int8 \
-    --json $OUT/results.jsonl 2>&1 | quiet | tail -12
+if [[ " $PARTS " == *" loaders "* ]]; then
+    python3 benchmarks/bench_quantization.py --config small --device cuda --dtype bf16 \
+        --schemes int8wo,fp8wo,fp8,nf4,int8 --json $OUT/results.jsonl 2>&1 | quiet | tail -12
+fi
 
-BIG="python3 benchmarks/bench_t2i.py --device cuda --json $OUT/results.jsonl --config 14b-64x --dtype bf16 \
-    --height 1024 --width 1024 --steps 50 --guidance 7.5"
-$BIG --cuda_graphs --save_images $OUT/bf16.pt 2>&1 | quiet | tail -12
-for scheme in int8wo nf4; do
-    $BIG --quantize $scheme --cuda_graphs --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -13 ||
-        $BIG --quantize $scheme --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -13
-done
-rm -f $OUT/bf16.pt
+if [[ " $PARTS " == *" 24gb "* ]]; then
+    BIG="python3 benchmarks/bench_t2i.py --device cuda --json $OUT/results.jsonl --config 14b-64x --dtype bf16 \
+        --height 1024 --width 1024 --steps 50 --guidance 7.5"
+    $BIG --cuda_graphs --save_images $OUT/bf16.pt 2>&1 | quiet | tail -12
+    for scheme in int8wo nf4; do
+        $BIG --quantize $scheme --cuda_graphs --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -13 ||
+            $BIG --quantize $scheme --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -13
+    done
+    rm -f $OUT/bf16.pt
+fi
 
-timeout 240 python3 benchmarks/gpu_offload_check.py --config 14b --height 256 --width 256 --steps 10 \
-    --modes model_cpu_offload,group_offload_language_model 2>&1 | quiet | tail -6
+if [[ " $PARTS " == *" offload "* ]]; then
+    python3 benchmarks/gpu_offload_check.py --config 14b --height 256 --width 256 --steps 10 \
+        --modes model_cpu_offload,group_offload_language_model 2>&1 | quiet | tail -6
+fi
