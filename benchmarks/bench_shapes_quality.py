@@ -1,11 +1,18 @@
 """Quality of the shipped shapes model, measured with the pixel detector of the synthetic set.
 
-    python benchmarks/bench_shapes_quality.py [--model FOLDER] [--num_prompts 100] [--quantize int8wo] [--json rows.jsonl]
+    python benchmarks/bench_shapes_quality.py [--model FOLDER] [--num_prompts 100] [--steps 25] [--scheduler flow-heun]
+        [--quantize int8wo] [--json rows.jsonl]
 
 Over held-out prompts (scenes of a seed never used in training): the fraction of images whose dominant object colour,
 position (3x3 grid), background colour and shape (the outline that best overlaps the object) match the prompt; and
 the tokenizer's reconstruction PSNR on held-out images, and the shape read on its reconstructions. ``--quantize``
 quantizes the language model and the head in place first (`quantize_model_`: any scheme that runs on the CPU).
+``--scheduler`` swaps the head's sampler (fewer-step samplers against the default, on the same prompts and seeds):
+
+* ``binary-flow``: the default `BinaryFlowScheduler`, the original's Euler–Maruyama SDE (``steps + 1`` head calls);
+* ``binary-flow-ode``: the same grid integrated as an ODE (``solver="euler"``, no noise);
+* ``flow-euler`` / ``flow-heun``: diffusers' `FlowMatchEulerDiscreteScheduler` / `FlowMatchHeunDiscreteScheduler`
+  (Heun: two head calls per step but the last).
 """
 
 import argparse
@@ -13,12 +20,21 @@ import time
 
 import torch
 from bench_utils import append_rows
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
-from bitdance_diffusers import BitDancePipeline, quantize_model_
+from bitdance_diffusers import BinaryFlowScheduler, BitDancePipeline, quantize_model_
 from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES
 from bitdance_diffusers.training import ShapesDataset, psnr
 from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, HELD_OUT_SEED, score_held_out_prompts
 from bitdance_diffusers.training.shapes_detector import detect_shape
+
+
+SCHEDULERS = {
+    "binary-flow": lambda config: BinaryFlowScheduler.from_config(config),
+    "binary-flow-ode": lambda config: BinaryFlowScheduler.from_config(config, solver="euler"),
+    "flow-euler": lambda config: FlowMatchEulerDiscreteScheduler.from_config(config),
+    "flow-heun": lambda config: FlowMatchHeunDiscreteScheduler.from_config(config),
+}
 
 
 def main():
@@ -28,11 +44,13 @@ def main():
     parser.add_argument("--batch_size", type=int, default=10)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="binary-flow")
     parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     pipe = BitDancePipeline.from_pretrained(args.model, dtype=torch.float32)
+    pipe.scheduler = SCHEDULERS[args.scheduler](pipe.scheduler.config)
     if args.quantize:
         quantize_model_(pipe.language_model, args.quantize)
         quantize_model_(pipe.diffusion_head, args.quantize)
@@ -55,9 +73,10 @@ def main():
     row = {name: count / args.num_prompts for name, count in hits.items()}
     row.update(tokenizer_psnr_db=tokenizer_psnr, tokenizer_shape=reconstructed_shapes / args.num_prompts,
                prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
-               seconds_per_image=seconds / args.num_prompts, model=args.model, quantize=args.quantize)  # fmt: skip
-    print(f"\nshapes quality over {args.num_prompts} held-out prompts ({args.steps} steps, CFG {args.guidance}"
-          f"{', language model and head ' + args.quantize if args.quantize else ''})")
+               seconds_per_image=seconds / args.num_prompts, model=args.model, quantize=args.quantize,
+               scheduler=args.scheduler)  # fmt: skip
+    print(f"\nshapes quality over {args.num_prompts} held-out prompts ({args.scheduler}, {args.steps} steps, CFG "
+          f"{args.guidance}{', language model and head ' + args.quantize if args.quantize else ''})")
     print("metric               value    target")
     print(f"colour correct       {row['color']:.2f}     >= 0.90")
     print(f"position correct     {row['position']:.2f}     >= 0.80")
