@@ -206,6 +206,9 @@ def main():
     parser.add_argument("--cuda_graphs", action="store_true",
                         help="replay the head and the language-model block step from CUDA graphs (static KV cache)")
     parser.add_argument("--head_graphs_only", action="store_true", help="with --cuda_graphs: the eager language model")
+    parser.add_argument("--compile", choices=["none", "default", "max-autotune-no-cudagraphs"], default="none",
+                        help="GPU: torch.compile the head and the language model first (CUDA graphs then capture the "
+                             "compiled kernels); max-autotune searches GEMM tilings for the skinny block-step matmuls")
     parser.add_argument("--quantize", choices=["none", *QUANTIZATION_SCHEMES], default="none",
                         help="torchao scheme for the language model and head (see bitdance_diffusers.quantization)")
     parser.add_argument("--scaling", action="store_true", help="also time head steps, batch sizes and guidance")
@@ -230,19 +233,27 @@ def main():
         quantize_model_(pipe.diffusion_head, args.quantize)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.compile != "none":
+        pipe.diffusion_head.compile(mode=args.compile, dynamic=False)
+        pipe.language_model.compile(mode=args.compile, dynamic=False)
     if args.cuda_graphs:
         pipe.enable_cuda_graphs(backbone=not args.head_graphs_only)
 
     label = (f"{args.config} P={block_size} {args.height}x{args.width} steps={args.steps} cfg={args.guidance} "
              f"batch={args.batch} {args.dtype}{' cuda-graphs' if args.cuda_graphs else ''}"
              f"{' (head only)' if args.cuda_graphs and args.head_graphs_only else ''}"
-             f"{' ' + args.quantize if args.quantize != 'none' else ''} on {device.type}")  # fmt: skip
+             f"{' ' + args.quantize if args.quantize != 'none' else ''}"
+             f"{' compiled (' + args.compile + ')' if args.compile != 'none' else ''} on {device.type}")  # fmt: skip
     generate(pipe, args, steps=2)  # warm-up: kernels, cuBLAS handles, CUDA graph capture
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     total = min(timed_generate(pipe, args, device) for _ in range(args.repeats))
     peak = peak_memory_gb(device)
 
+    if args.compile != "none":  # the recorder's hooks change what is compiled: compile that variant before timing it
+        warmup_recorder = Recorder(pipe, device)
+        with warmup_recorder.attached():
+            generate(pipe, args, steps=2, callback_on_step_end=warmup_recorder.block_callback)
     recorder = Recorder(pipe, device)
     with recorder.attached():
         images = generate(pipe, args, callback_on_step_end=recorder.block_callback)

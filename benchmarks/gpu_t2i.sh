@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/RESULTS.md, in one call on a lent device machine (see the `device` tool):
-# tiny fp32 runs checking that the CUDA-graph path reproduces the eager images, then BitDance-14B-64x shapes at
-# 1024x1024: bf16 with CUDA graphs (+ scaling tables) and torchao fp8 against the bf16 image. Rows go to
-# $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
+# The GPU speed figures of benchmarks/RESULTS.md on a lent device machine (see the `device` tool), in parts:
+#   check    tiny fp32 runs: the CUDA-graph path must reproduce the eager images (falls back to head-only graphs);
+#   bf16     BitDance-14B-64x shapes at 1024x1024, 50 steps, CFG 7.5, bf16 with CUDA graphs: time, floor, peak memory;
+#   scaling  the same with the scaling tables (head steps, batch 1/4/8, guidance): several minutes;
+#   fp8      torchao fp8 (dynamic, per row) against the bf16 image (runs bf16 first if that part did not);
+#   compile  the same bf16 run with the head and language model compiled (max-autotune-no-cudagraphs) under the graphs.
+# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [compile]   (no argument: check bf16 scaling fp8)
+# Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
+PARTS=" ${*:-check bf16 scaling fp8} "
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+quiet() { grep -v -i -E "warn|Failed to load|torchao. Tensor"; }
 BENCH="python3 benchmarks/bench_t2i.py --device cuda --json $OUT/results.jsonl"
 TINY="--config tiny --height 256 --width 256 --steps 4"
 BIG="--config 14b-64x --dtype bf16 --height 1024 --width 1024 --steps 50 --guidance 7.5"
-$BENCH $TINY --save_images $OUT/tiny_eager.pt 2>&1 | grep -v -i warn | tail -3
 GRAPHS="--cuda_graphs"
-$BENCH $TINY --cuda_graphs --compare_to $OUT/tiny_eager.pt 2>&1 | grep -v -i warn | tail -12 || GRAPHS="--cuda_graphs --head_graphs_only"
-$BENCH $BIG $GRAPHS --scaling --batches 1,4,8 --save_images $OUT/bf16.pt 2>&1 | grep -v -i warn
-$BENCH $BIG $GRAPHS --quantize fp8 --compare_to $OUT/bf16.pt 2>&1 | grep -v -i warn | tail -16
+
+if [[ $PARTS == *" check "* ]]; then
+    $BENCH $TINY --save_images $OUT/tiny_eager.pt 2>&1 | quiet | tail -3
+    $BENCH $TINY --cuda_graphs --compare_to $OUT/tiny_eager.pt 2>&1 | quiet | tail -12 ||
+        GRAPHS="--cuda_graphs --head_graphs_only"
+fi
+if [[ $PARTS == *" bf16 "* || $PARTS == *" scaling "* || $PARTS == *" fp8 "* ]]; then
+    SCALING=""
+    [[ $PARTS == *" scaling "* ]] && SCALING="--scaling --batches 1,4,8"
+    $BENCH $BIG $GRAPHS $SCALING --save_images $OUT/bf16.pt 2>&1 | quiet | tail -40
+fi
+if [[ $PARTS == *" fp8 "* ]]; then
+    $BENCH $BIG $GRAPHS --quantize fp8 --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -16
+fi
+if [[ $PARTS == *" compile "* ]]; then
+    $BENCH $BIG $GRAPHS --compile max-autotune-no-cudagraphs 2>&1 | quiet | tail -12
+fi
+rm -f $OUT/bf16.pt $OUT/tiny_eager.pt
