@@ -4,8 +4,10 @@
 #   bf16     BitDance-14B-64x shapes at 1024x1024, 50 steps, CFG 7.5, bf16 with CUDA graphs: time, floor, peak memory;
 #   scaling  the same with the scaling tables (head steps, batch 1/4/8, guidance): several minutes;
 #   fp8      torchao fp8 (dynamic, per row) against the bf16 image (runs bf16 first if that part did not);
-#   compile  the same bf16 run with the head and language model compiled (max-autotune-no-cudagraphs) under the graphs.
-# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [compile]   (no argument: check bf16 scaling fp8)
+#   compile  the same bf16 run with the head and language model compiled (max-autotune-no-cudagraphs) under the graphs;
+#   imagenet class-conditional BitDance-B with 1x / 4x / 16x heads (P = 1, 4, 16), 256x256, bf16, images/s at batch
+#            64 and 256.
+# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [compile] [imagenet]   (none: check bf16 scaling fp8)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -34,5 +36,11 @@ if [[ $PARTS == *" fp8 "* ]]; then
 fi
 if [[ $PARTS == *" compile "* ]]; then
     $BENCH $BIG $GRAPHS --compile max-autotune-no-cudagraphs 2>&1 | quiet | tail -12
+fi
+if [[ $PARTS == *" imagenet "* ]]; then
+    for block_size in 1 4 16; do
+        python3 benchmarks/bench_imagenet.py --device cuda --dtype bf16 --cuda_graphs --size B --block_size $block_size \
+            --batch 64 --batches 64,256 --json $OUT/results.jsonl 2>&1 | quiet | tail -14
+    done
 fi
 rm -f $OUT/bf16.pt $OUT/tiny_eager.pt
