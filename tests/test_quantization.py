@@ -76,7 +76,9 @@ def test_int8_weight_only_keeps_the_shapes_model_images():
 def test_int8_weight_only_on_the_imagenet_pipeline(tmp_path):
     build_random_imagenet_pipeline(block_size=4).save_pretrained(tmp_path)
     config = pipeline_quantization_config("int8wo", components=("transformer", "diffusion_head"))
-    pipe = BitDanceImageNetPipeline.from_pretrained(tmp_path, quantization_config=config)
+    # diffusers' pipeline device map: each component is loaded and quantized directly on the device ("cuda" on a GPU).
+    pipe = BitDanceImageNetPipeline.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
+    assert pipe.hf_device_map == "cpu"
     for name in ("transformer", "diffusion_head"):
         weights = linear_weights(getattr(pipe, name))
         assert weights and all(isinstance(weight, Int8Tensor) for weight in weights), name
