@@ -101,3 +101,16 @@ def test_memory_estimate_prints_every_phase(tmp_path):
     assert row["peak_gib"] == pytest.approx(row["weights_gib"] + max(phases.values()))
     # The decoder's output alone: one 128x128 RGB image in bf16.
     assert phases["decode"] * 2**30 >= 3 * 128 * 128 * 2
+
+
+def test_shapes_quality_benchmark_with_a_swapped_sampler_and_quantization(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    output = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_shapes_quality.py"), "--num_prompts", "2", "--batch_size", "2",
+         "--steps", "3", "--scheduler", "flow-heun", "--quantize", "int8wo", "--json", str(results)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "flow-heun, 3 steps" in output and "language model and head int8wo" in output
+    row = json.loads(results.read_text())
+    assert row["scheduler"] == "flow-heun" and row["quantize"] == "int8wo" and row["prompts"] == 2
+    assert all(0 <= row[metric] <= 1 for metric in ("color", "position", "background", "shape"))
