@@ -4,8 +4,11 @@
 #            (about 1 minute);
 #   24gb     the 24 GB mode: BitDance-14B-64x shapes at 1024x1024, 50 steps, CFG 7.5, int8 weight-only and nf4 against
 #            the bf16 image of the same seed: peak memory, latency, PSNR (several minutes: run it in a call of its own);
+#   24gb-compiled  int8 weight-only again with the head and language model compiled: torchao's eager weight-only
+#            linear converts the whole int8 weight to bf16 on every call (more traffic than bf16); compiled, inductor
+#            fuses the conversion into the matmul;
 #   offload  model offload and group offloading at 14B shapes (256x256, 10 steps) against the resident codes.
-# Usage: benchmarks/gpu_memory_modes.sh [loaders] [24gb] [offload]   (no argument: all three)
+# Usage: benchmarks/gpu_memory_modes.sh [loaders] [24gb] [24gb-compiled] [offload]   (none: loaders 24gb offload)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -29,6 +32,11 @@ if [[ " $PARTS " == *" 24gb "* ]]; then
             $BIG --quantize $scheme --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -13
     done
     rm -f $OUT/bf16.pt
+fi
+
+if [[ " $PARTS " == *" 24gb-compiled "* ]]; then
+    python3 benchmarks/bench_t2i.py --device cuda --json $OUT/results.jsonl --config 14b-64x --dtype bf16 --height 1024 \
+        --width 1024 --steps 50 --guidance 7.5 --quantize int8wo --compile default --cuda_graphs 2>&1 | quiet | tail -12
 fi
 
 if [[ " $PARTS " == *" offload "* ]]; then
