@@ -113,7 +113,7 @@ def test_bitsandbytes_language_model_while_loading_and_head_in_place(saved_tiny,
     assert (quantized_codes == reference_codes).float().mean() >= 0.8
 
 
-@pytest.mark.parametrize("scheme", ["int8wo", "nf4", "int8"])
+@pytest.mark.parametrize("scheme", ["int8wo", "fp8wo", "nf4", "int8"])
 def test_quantize_model_in_place_keeps_the_shapes_model_images(scheme):
     prompts = ["a large red circle at the top left on a blue background"]
     kwargs = dict(prompt=prompts, num_inference_steps=10, guidance_scale=4.0, output_type="pt")
@@ -121,7 +121,7 @@ def test_quantize_model_in_place_keeps_the_shapes_model_images(scheme):
     pipe = BitDancePipeline.from_pretrained(DEMO_MODEL_PATH)
     quantize_model_(pipe.language_model, scheme)
     quantize_model_(pipe.diffusion_head, scheme)
-    assert not linear_weights(pipe.language_model) or scheme == "int8wo"
+    assert not linear_weights(pipe.language_model) or scheme in ("int8wo", "fp8wo")
     assert psnr(generate(pipe, **kwargs), reference).min() >= 25.0
 
 
@@ -162,3 +162,5 @@ def test_command_line_quantizes_while_loading(tmp_path):
     assert all(isinstance(weight, Int8Tensor) for weight in linear_weights(pipe.diffusion_head))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--prompt", "a red circle", "--quantize", "int4"])
+    with pytest.raises(ValueError, match="--quantize nf4 needs a CUDA GPU .*use int8wo or fp8wo"):
+        load_pipeline(None, torch.float32, "cpu", "nf4")

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .quantization import QUANTIZATION_SCHEMES, pipeline_quantization_config
+from .quantization import CUDA_ONLY_SCHEMES, QUANTIZATION_SCHEMES, pipeline_quantization_config
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,6 +26,10 @@ def load_pipeline(model: str | None, dtype: torch.dtype, device: str, quantize: 
 
     from .training.demo import DEMO_MODEL_PATH
 
+    if quantize in CUDA_ONLY_SCHEMES and not str(device).startswith("cuda"):
+        raise ValueError(
+            f"--quantize {quantize} needs a CUDA GPU (--device {device} given); on a CPU use int8wo or fp8wo."
+        )
     if model is None and (DEMO_MODEL_PATH / "model_index.json").is_file():
         print(
             "No --model given: using the small shapes model shipped with the package (trained on synthetic coloured "

@@ -13,8 +13,9 @@ configs for both kinds at once. `pipeline_quantization_config` builds the per-co
 Schemes (weights are quantized while loading; activations stay in the compute dtype unless noted):
 
 - ``"int8wo"``: torchao int8 weight-only, per output row. Runs on CPU and GPU.
-- ``"fp8wo"``: torchao float8 (e4m3) weight-only. Needs a GPU with float8 support.
-- ``"fp8"``: torchao float8 weights and dynamically quantized float8 activations, per row. GPU only.
+- ``"fp8wo"``: torchao float8 (e4m3) weight-only. Runs on CPU and GPU.
+- ``"fp8"``: torchao float8 weights and dynamically quantized float8 activations, per row. CUDA only (float8 matmuls
+  of compute capability 8.9+).
 - ``"nf4"``: bitsandbytes 4-bit NormalFloat with double quantization, computing in ``compute_dtype``. CUDA only.
 - ``"int8"``: bitsandbytes LLM.int8(). CUDA only.
 
@@ -27,6 +28,7 @@ from diffusers.quantizers import PipelineQuantizationConfig
 
 
 QUANTIZATION_SCHEMES = ("int8wo", "fp8wo", "fp8", "nf4", "int8")
+CUDA_ONLY_SCHEMES = ("fp8", "nf4", "int8")
 
 # The heavy components of BitDancePipeline; BitDanceImageNetPipeline's are ("transformer", "diffusion_head").
 DEFAULT_COMPONENTS = ("language_model", "diffusion_head")
