@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 from bench_utils import (
     DTYPES,
+    T2I_CONFIGS,
     add_t2i_run_arguments,
     append_rows,
     measure_gpu_ceilings,
@@ -40,7 +41,6 @@ from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES, quantize_model
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 
 
-CONFIGS = {"tiny": ("tiny", 16), "small": ("small", 64), "14b-16x": ("14b", 16), "14b-64x": ("14b", 64)}
 PROMPT = "a photo of a red fox sitting in fresh snow at sunrise, highly detailed"
 
 
@@ -200,7 +200,7 @@ def cpu_floor(pipe, recorder, device) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--config", choices=sorted(T2I_CONFIGS), default="small")
     parser.add_argument("--block_size", type=int, default=None, help="tokens per block (default: the config's)")
     add_t2i_run_arguments(parser)
     parser.add_argument("--cuda_graphs", action="store_true",
@@ -210,7 +210,7 @@ def main():
                         help="GPU: torch.compile the head and the language model first (CUDA graphs then capture the "
                              "compiled kernels); max-autotune searches GEMM tilings for the skinny block-step matmuls")
     parser.add_argument("--quantize", choices=["none", *QUANTIZATION_SCHEMES], default="none",
-                        help="torchao scheme for the language model and head (see bitdance_diffusers.quantization)")
+                        help="quantize the language model and head in place (see bitdance_diffusers.quantization)")
     parser.add_argument("--scaling", action="store_true", help="also time head steps, batch sizes and guidance")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=1,
@@ -221,7 +221,7 @@ def main():
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    model, default_block_size = CONFIGS[args.config]
+    model, default_block_size = T2I_CONFIGS[args.config]
     block_size = args.block_size or default_block_size
     pipe = build_random_pipeline(model, block_size=block_size, image_sizes=[[args.height, args.width]],
                                  dtype=DTYPES[args.dtype], device=device)  # fmt: skip

@@ -10,6 +10,8 @@ import torch
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Named text-to-image configs: (random_pipeline size, block size P).
+T2I_CONFIGS = {"tiny": ("tiny", 16), "small": ("small", 64), "14b-16x": ("14b", 16), "14b-64x": ("14b", 64)}
 
 
 def add_t2i_run_arguments(parser):

@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from bench_utils import DTYPES, append_rows, print_table
+from bench_utils import DTYPES, T2I_CONFIGS, append_rows, print_table
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,7 +29,6 @@ from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 
 
-CONFIGS = {"tiny": ("tiny", 16), "small": ("small", 64), "14b-16x": ("14b", 16), "14b-64x": ("14b", 64)}
 GIB = 2**30
 
 
@@ -81,7 +80,7 @@ def weight_bytes(module: torch.nn.Module, scheme: str | None) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="14b-64x")
+    parser.add_argument("--config", choices=sorted(T2I_CONFIGS), default="14b-64x")
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=2, help="head steps (the memory does not depend on them)")
@@ -97,7 +96,7 @@ def main():
     BinaryFlowScheduler._init_step_index = lambda scheduler, timestep: setattr(scheduler, "_step_index", 0)
     BitDanceTokenizer._check_codes = lambda tokenizer, codes: None
 
-    model, block_size = CONFIGS[args.config]
+    model, block_size = T2I_CONFIGS[args.config]
     start = time.perf_counter()
     with FakeTensorMode():
         pipe = build_random_pipeline(model, block_size=block_size, image_sizes=[[args.height, args.width]],

@@ -11,12 +11,8 @@
 # Usage: benchmarks/gpu_memory_modes.sh [loaders] [24gb] [24gb-compiled] [offload]   (none: loaders 24gb offload)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
+source benchmarks/device_setup.sh
 PARTS=${*:-loaders 24gb offload}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-quiet() { grep -v -i -E "warn|Failed to load|torchao. Tensor"; }
 
 if [[ " $PARTS " == *" loaders "* ]]; then
     python3 benchmarks/bench_quantization.py --config small --device cuda --dtype bf16 \

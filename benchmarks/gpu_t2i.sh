@@ -10,12 +10,8 @@
 # Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [compile] [imagenet]   (none: check bf16 scaling fp8)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
+source benchmarks/device_setup.sh
 PARTS=" ${*:-check bf16 scaling fp8} "
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-quiet() { grep -v -i -E "warn|Failed to load|torchao. Tensor"; }
 BENCH="python3 benchmarks/bench_t2i.py --device cuda --json $OUT/results.jsonl"
 TINY="--config tiny --height 256 --width 256 --steps 4"
 BIG="--config 14b-64x --dtype bf16 --height 1024 --width 1024 --steps 50 --guidance 7.5"

@@ -28,6 +28,7 @@ from diffusers.quantizers import PipelineQuantizationConfig
 
 
 QUANTIZATION_SCHEMES = ("int8wo", "fp8wo", "fp8", "nf4", "int8")
+BITSANDBYTES_SCHEMES = ("nf4", "int8")  # the others are torchao's
 CUDA_ONLY_SCHEMES = ("fp8", "nf4", "int8")
 
 # The heavy components of BitDancePipeline; BitDanceImageNetPipeline's are ("transformer", "diffusion_head").
@@ -50,8 +51,7 @@ def pipeline_quantization_config(
             ``("transformer", "diffusion_head")`` for `BitDanceImageNetPipeline`.
         compute_dtype (`torch.dtype`): dtype of the bitsandbytes matmuls (``"nf4"``); match the pipeline's ``dtype``.
     """
-    if scheme not in QUANTIZATION_SCHEMES:
-        raise ValueError(f"Unknown quantization scheme {scheme!r}; choose one of {', '.join(QUANTIZATION_SCHEMES)}.")
+    _check_scheme(scheme)
     if not components:
         raise ValueError("`components` is empty; name at least one pipeline component to quantize.")
     return PipelineQuantizationConfig(
@@ -59,8 +59,13 @@ def pipeline_quantization_config(
     )  # fmt: skip
 
 
+def _check_scheme(scheme: str):
+    if scheme not in QUANTIZATION_SCHEMES:
+        raise ValueError(f"Unknown quantization scheme {scheme!r}; choose one of {', '.join(QUANTIZATION_SCHEMES)}.")
+
+
 def _component_config(scheme: str, is_transformers: bool, compute_dtype: torch.dtype):
-    if scheme in ("nf4", "int8"):
+    if scheme in BITSANDBYTES_SCHEMES:
         if is_transformers:
             from transformers import BitsAndBytesConfig
         else:
@@ -109,9 +114,8 @@ def quantize_model_(model: torch.nn.Module, scheme: str):
     torchao schemes turn the weights into torchao tensor subclasses; ``"nf4"`` and ``"int8"`` replace the layers with
     bitsandbytes ``Linear4bit`` (computing in the layer's dtype) and ``Linear8bitLt``.
     """
-    if scheme not in QUANTIZATION_SCHEMES:
-        raise ValueError(f"Unknown quantization scheme {scheme!r}; choose one of {', '.join(QUANTIZATION_SCHEMES)}.")
-    if scheme not in ("nf4", "int8"):
+    _check_scheme(scheme)
+    if scheme not in BITSANDBYTES_SCHEMES:
         from torchao.quantization import quantize_
 
         quantize_(model, torchao_quant_type(scheme))
