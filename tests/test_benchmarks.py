@@ -103,6 +103,37 @@ def test_memory_estimate_prints_every_phase(tmp_path):
     assert phases["decode"] * 2**30 >= 3 * 128 * 128 * 2
 
 
+def test_traffic_counter_counts_bytes_moved_per_op():
+    sys.path.insert(0, str(BENCHMARKS))
+    from count_traffic import TrafficCounter
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        weight = torch.empty(64, 32)  # 8 KiB of float32 weights
+        cache = torch.zeros(4, 100)
+        counter = TrafficCounter([weight])
+        counter.phase = "step"
+        with counter:
+            x = torch.empty(8, 32)  # counted: an op writing 1 KiB
+            y = x @ weight.t()  # reads the weight (8 KiB) and x (1 KiB), writes 2 KiB; the transpose is a view
+            z = y[:, None].expand(8, 4, 64) * torch.ones(1)  # the broadcast input counts once: reads 2 KiB + 4 B
+            cache.index_copy_(1, torch.tensor([3]), torch.ones(4, 1))  # in place: writes what it reads, not the cache
+    ops = counter.bytes["step"]
+    assert ops["mm"] == [8192, 1024, 2048, 1]
+    assert ops["mul"] == [0, 2048 + 4, 8 * 4 * 64 * 4, 1]
+    assert ops["index_copy_"] == [0, 8 + 16, 8 + 16, 1]
+    assert z.shape == (8, 4, 64)
+
+
+def test_traffic_count_prints_both_parts():
+    output = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "count_traffic.py"), "--config", "tiny", "--height", "128", "--width", "128"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for part in ("head call", "language-model block step", "where the non-weight bytes go", "mm"):
+        assert part in output, part
+
+
 def test_shapes_quality_benchmark_with_a_swapped_sampler_and_quantization(tmp_path):
     results = tmp_path / "rows.jsonl"
     output = subprocess.run(
