@@ -27,7 +27,7 @@ class MLPResBlock(SwiGLU):
     def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
         """``x`` ``[..., W]``; ``modulation`` ``[..., 3W]`` chunked scale, shift, gate."""
         scale, shift, gate = modulation.chunk(3, dim=-1)
-        return x + gate * super().forward(modulate(self.norm(x), shift, scale))
+        return torch.addcmul(x, gate, super().forward(modulate(self.norm(x), shift, scale)))
 
 
 class BitDanceMLPHead(ModelMixin, ConfigMixin):
