@@ -4,13 +4,14 @@
 #   bf16     BitDance-14B-64x shapes at 1024x1024, 50 steps, CFG 7.5, bf16 with CUDA graphs: time, floor, peak memory;
 #   scaling  the same with the scaling tables (head steps, batch 1/4/8, guidance): several minutes;
 #   fp8      torchao fp8 (dynamic, per row) against the bf16 image (runs bf16 first if that part did not);
+#   fp8-compile  the same fp8 run compiled (default mode: inductor fuses the activation quantisation);
 #   compile  the same bf16 run with the head and language model compiled (default mode: fused elementwise ops around
 #            cuBLAS GEMMs) under the graphs;
 #   autotune the same with max-autotune-no-cudagraphs (Triton GEMM tilings for the skinny block-step matmuls; long
 #            compile);
 #   imagenet class-conditional BitDance-B with 1x / 4x / 16x heads (P = 1, 4, 16), 256x256, bf16, images/s at batch
 #            64 and 256.
-# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [compile] [autotune] [imagenet]   (none: check bf16 scaling fp8)
+# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [fp8-compile] [compile] [autotune] [imagenet]   (none: check bf16 scaling fp8)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
 source benchmarks/device_setup.sh
@@ -25,13 +26,16 @@ if [[ $PARTS == *" check "* ]]; then
     $BENCH $TINY --cuda_graphs --compare_to $OUT/tiny_eager.pt 2>&1 | quiet | tail -12 ||
         GRAPHS="--cuda_graphs --head_graphs_only"
 fi
-if [[ $PARTS == *" bf16 "* || $PARTS == *" scaling "* || $PARTS == *" fp8 "* ]]; then
+if [[ $PARTS == *" bf16 "* || $PARTS == *" scaling "* || $PARTS == *" fp8"* ]]; then
     SCALING=""
     [[ $PARTS == *" scaling "* ]] && SCALING="--scaling --batches 1,4,8"
     $BENCH $BIG $GRAPHS $SCALING --save_images $OUT/bf16.pt 2>&1 | quiet | tail -40
 fi
 if [[ $PARTS == *" fp8 "* ]]; then
     $BENCH $BIG $GRAPHS --quantize fp8 --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -16
+fi
+if [[ $PARTS == *" fp8-compile "* ]]; then
+    $BENCH $BIG $GRAPHS --quantize fp8 --compile default --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -16
 fi
 if [[ $PARTS == *" compile "* ]]; then
     $BENCH $BIG $GRAPHS --compile default 2>&1 | quiet | tail -12
