@@ -3,12 +3,12 @@
 The language model attends with more query heads than key/value heads (Qwen3-14B: 40 and 8). transformers' ``sdpa``
 attention with a mask repeats every key/value head once per query head of its group before calling SDPA (a masked
 SDPA has no GQA kernel on CUDA), so each block step of the 14B model writes and reads the whole KV cache five times
-over: about 15 GB per step at 1024x1024, half again the 26 GB of weights the step must read.
+over: about 15 GB per step at 1024x1024 and batch 1, more than half the 26 GB of weights the step must read.
 
 A block step's mask hides cache positions (left padding, slots of a static cache not yet written) and is the same for
 every query of the block. Attention is independent per query, so the queries of a group can then be stacked along
 the sequence axis and attend to their one key/value head directly: ``[B, H, L, d] -> [B, H_kv, (H / H_kv) L, d]``.
-The result is the same computation, bit for bit, on one fifth of the cache reads.
+The result is the same computation (bit-identical on CPU, see the tests) on one fifth of the cache reads.
 """
 
 from contextlib import contextmanager
