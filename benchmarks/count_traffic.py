@@ -9,9 +9,10 @@ the bytes it reads from weights, the other bytes it reads (activations, KV cache
 A view moves nothing; a broadcast input counts its distinct elements once. Eager op by op, as PyTorch runs it without
 fusion (so the figures bound what a fusing compiler would move), with CPU kernels standing in for CUDA ones.
 
-The table gives the number of ops (each a kernel launch in eager PyTorch) and bytes per call (averaged over the language-model steps of the whole image: the cache grows) and the
-time they take at ``--bandwidth`` (default 2.98 TB/s: the copy bandwidth measured on the H100, see RESULTS.md); the
-op table lists where the non-weight bytes go.
+The table gives the number of ops (each a kernel launch in eager PyTorch) and bytes per call (averaged over the
+language-model steps of the whole image: the cache grows) and the time they take at ``--bandwidth`` (default
+2.98 TB/s: the copy bandwidth measured on the H100, see RESULTS.md); the op table lists where the non-weight bytes go.
+Set-up: `fake_generation.py`.
 """
 
 import argparse
@@ -19,13 +20,11 @@ import time
 from collections import defaultdict
 
 import torch
-from bench_utils import DTYPES, T2I_CONFIGS, print_table
+from bench_utils import print_table
+from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
-from bitdance_diffusers import BinaryFlowScheduler, BitDanceTokenizer
-from bitdance_diffusers.random_pipeline import build_random_pipeline
 
 
 GB = 1e9
@@ -61,7 +60,7 @@ class TrafficCounter(TorchDispatchMode):
             return out
         input_storages = {t.untyped_storage()._cdata for t in inputs}
         mutated = func._schema.is_mutable
-        if outputs and not mutated and all(t.untyped_storage()._cdata in input_storages for t in outputs):
+        if not mutated and all(t.untyped_storage()._cdata in input_storages for t in outputs):
             return out  # a view
         row = self.bytes[self.phase][func.overloadpacket.__name__]
         read = 0
@@ -79,36 +78,20 @@ class TrafficCounter(TorchDispatchMode):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(T2I_CONFIGS), default="14b-64x")
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    add_fake_generation_arguments(parser)
     parser.add_argument("--bandwidth", type=float, default=2.98, help="TB/s for the time column")
     parser.add_argument("--top", type=int, default=8, help="ops listed per part, by non-weight bytes")
     args = parser.parse_args()
 
-    # Fake tensors hold no values: skip the two value lookups of a generation.
-    BinaryFlowScheduler._init_step_index = lambda scheduler, timestep: setattr(scheduler, "_step_index", 0)
-    BitDanceTokenizer._check_codes = lambda tokenizer, codes: None
-
-    model, block_size = T2I_CONFIGS[args.config]
     start = time.perf_counter()
     with FakeTensorMode():
-        pipe = build_random_pipeline(model, block_size=block_size, image_sizes=[[args.height, args.width]],
-                                     dtype=DTYPES[args.dtype])  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
+        pipe, existing = build_fake_pipeline(args)
         pipe._static_kv_cache = True  # the KV cache of the CUDA-graph path, without capturing graphs
-        modules = [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
-        counter = TrafficCounter([t for module in modules for t in (*module.parameters(), *module.buffers())])
-        head_started = False
+        counter = TrafficCounter(existing)
 
         def enter(phase):
             def hook(*_):
-                nonlocal head_started
-                head_started |= phase == "head call"
-                if phase == "head call" or head_started:  # language-model calls before the first head call: prefill
+                if phase == "head call" or counter.calls["head call"]:  # the LM call before any head call: prefill
                     counter.phase = phase
                     counter.calls[phase] += 1
 
@@ -121,8 +104,7 @@ def main():
             module.register_forward_pre_hook(enter(phase))
             module.register_forward_hook(leave)
         with counter:
-            pipe(["a red fox in the snow"] * args.batch, height=args.height, width=args.width, num_inference_steps=1,
-                 guidance_scale=args.guidance, output_type="latent")  # fmt: skip
+            generate(pipe, args, num_inference_steps=1, output_type="latent")
 
     seconds_per_byte = 1 / (args.bandwidth * 1e12)
     summary, details = [], []

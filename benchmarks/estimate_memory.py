@@ -7,26 +7,25 @@ of every live tensor storage created after the weights: the KV cache, activation
 The table gives that peak per phase (prompt prefill; the block loop from the first head call: head, projector,
 language model; decode) and, added to the weight bytes, the whole peak a GPU run would allocate apart from
 cuBLAS/attention workspaces and CUDA graph pools. Every tensor is counted as if on the device, also the host-side
-temporaries a GPU run keeps in CPU memory (the float64 sin-cos table behind most of the prefill figure). Weight bytes of a quantization scheme are counted from the shapes (int8 / float8: one byte per linear
-weight plus a bf16 scale per row; nf4: half a byte plus one byte of double-quantized absmax per 64 weights).
+temporaries a GPU run keeps in CPU memory (the float64 sin-cos table behind most of the prefill figure). Weight bytes
+of a quantization scheme are counted from the shapes (int8 / float8: one byte per linear weight plus a bf16 scale per
+row; nf4: half a byte plus one byte of double-quantized absmax per 64 weights).
 
-Values are never read under fake tensors, so the scheduler's step lookup and the decoder's ±1 check are bypassed; the
-number of head steps does not change the memory and defaults to 2.
+The number of head steps does not change the memory and defaults to 2 (set-up: `fake_generation.py`).
 """
 
 import argparse
 import time
 
 import torch
-from bench_utils import DTYPES, T2I_CONFIGS, append_rows, print_table
+from bench_utils import append_rows, print_table
+from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from bitdance_diffusers import BinaryFlowScheduler, BitDanceTokenizer
 from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES
-from bitdance_diffusers.random_pipeline import build_random_pipeline
 
 
 GIB = 2**30
@@ -80,31 +79,18 @@ def weight_bytes(module: torch.nn.Module, scheme: str | None) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(T2I_CONFIGS), default="14b-64x")
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
+    add_fake_generation_arguments(parser)
     parser.add_argument("--steps", type=int, default=2, help="head steps (the memory does not depend on them)")
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, default=None,
                         help="count the language model's and head's linear weights as stored by this scheme")  # fmt: skip
     parser.add_argument("--json", default=None, help="append the row as a JSON line to this file")
     args = parser.parse_args()
 
-    # Fake tensors hold no values: skip the two value lookups of a generation.
-    BinaryFlowScheduler._init_step_index = lambda scheduler, timestep: setattr(scheduler, "_step_index", 0)
-    BitDanceTokenizer._check_codes = lambda tokenizer, codes: None
-
-    model, block_size = T2I_CONFIGS[args.config]
     start = time.perf_counter()
     with FakeTensorMode():
-        pipe = build_random_pipeline(model, block_size=block_size, image_sizes=[[args.height, args.width]],
-                                     dtype=DTYPES[args.dtype])  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
+        pipe, existing = build_fake_pipeline(args)
         pipe.vae.enable_slicing()
-        modules = [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
-        counter = LiveStorageCounter([t for module in modules for t in (*module.parameters(), *module.buffers())])
+        counter = LiveStorageCounter(existing)
         weights = {
             "language model": weight_bytes(pipe.language_model, args.quantize),
             "diffusion head": weight_bytes(pipe.diffusion_head, args.quantize),
@@ -118,8 +104,7 @@ def main():
         pipe.diffusion_head.register_forward_pre_hook(enter("block loop"))
         pipe.vae.decoder.register_forward_pre_hook(enter("decode"))
         with counter:
-            pipe(["a red fox in the snow"] * args.batch, height=args.height, width=args.width,
-                 num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt")  # fmt: skip
+            generate(pipe, args, args.steps, output_type="pt")
 
     weight_total = sum(weights.values())
     peak = max(counter.peaks.values())

@@ -1,0 +1,45 @@
+"""A text-to-image generation on fake tensors (shapes and dtypes only: no memory, no compute, no GPU) at any config.
+
+The set-up `estimate_memory.py` and `count_traffic.py` share: their options, the random pipeline built under the
+caller's `FakeTensorMode`, and the generation they watch with their dispatch modes. Values are never read under fake
+tensors, so building the pipeline here also bypasses the two value lookups of a generation (the scheduler's step
+lookup and the decoder's ±1 check) for the rest of the process.
+"""
+
+import torch
+from bench_utils import DTYPES, T2I_CONFIGS
+
+from bitdance_diffusers import BinaryFlowScheduler, BitDanceTokenizer
+from bitdance_diffusers.random_pipeline import build_random_pipeline
+
+
+PROMPT = "a red fox in the snow"
+
+
+def add_fake_generation_arguments(parser):
+    """Config, size, guidance, batch and dtype, defaulting to BitDance-14B-64x at 1024x1024 in bf16."""
+    parser.add_argument("--config", choices=sorted(T2I_CONFIGS), default="14b-64x")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+
+
+def build_fake_pipeline(args):
+    """The random pipeline of ``args``, built under the caller's `FakeTensorMode`, and the tensors it holds (weights
+    and buffers: what a counter must not count as new)."""
+    BinaryFlowScheduler._init_step_index = lambda scheduler, timestep: setattr(scheduler, "_step_index", 0)
+    BitDanceTokenizer._check_codes = lambda tokenizer, codes: None
+    model, block_size = T2I_CONFIGS[args.config]
+    pipe = build_random_pipeline(model, block_size=block_size, image_sizes=[[args.height, args.width]],
+                                 dtype=DTYPES[args.dtype])  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    modules = [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
+    return pipe, [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
+
+
+def generate(pipe, args, num_inference_steps: int, output_type: str):
+    """One generation of ``args.batch`` images of the prompt at the size and guidance of ``args``."""
+    return pipe([PROMPT] * args.batch, height=args.height, width=args.width, num_inference_steps=num_inference_steps,
+                guidance_scale=args.guidance, output_type=output_type)  # fmt: skip
