@@ -28,8 +28,6 @@ from bitdance_diffusers import BitDanceTokenizer
 from bitdance_diffusers.random_pipeline import RANDOM_CONFIGS, build_random_imagenet_pipeline
 
 
-
-
 class ComponentTimer:
     """Times every forward of the backbone, the head and the decoder (synchronising on GPU), with the head's rows."""
 

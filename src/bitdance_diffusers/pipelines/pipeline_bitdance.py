@@ -271,6 +271,45 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         hidden = self._language_model_step(cache, position_ids, mask, input_ids=input_ids)
         return hidden, cache, key_padding, lengths
 
+    def _block_feeder(self, cache, key_padding: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
+                      max_cache_len: int | None) -> Callable[[torch.Tensor, int], torch.Tensor]:  # fmt: skip
+        """The ``feed_block`` of `sample_blocks`: embeds a sampled block ``[R, P, C]`` at its positions, runs it through
+        the language model over ``cache`` and returns the head condition of the next block ``[R, P, D]``.
+
+        Args:
+            cache, key_padding, lengths: from `prefill`.
+            positions: ``[num_blocks * P, D]`` float32 sin-cos positions of the image tokens.
+            max_cache_len: the static cache's length, or ``None`` for a growing cache.
+        """
+        block_size = self.config.block_size
+        lm_dtype = self.language_model.dtype
+        block_offsets = torch.arange(block_size, device=lengths.device)
+        num_rows = key_padding.shape[0]
+        # Every cached real token and the whole new block are visible; left padding (and, in a static cache, the
+        # positions not yet written) is not.
+        visible = ~key_padding
+        if max_cache_len is not None:
+            visible = torch.cat([visible, visible.new_zeros(num_rows, max_cache_len - visible.shape[1])], 1)
+        language_model_step = self._language_model_step
+        if self._cuda_graphs:  # implies the static cache (see `enable_cuda_graphs`)
+            language_model_step = self._graphed_language_model_step(cache)
+
+        def feed_block(tokens: torch.Tensor, block: int) -> torch.Tensor:
+            nonlocal visible
+            block_positions = positions[block * block_size : (block + 1) * block_size]
+            embeds = (self.projector(tokens).float() + block_positions).to(lm_dtype)
+            position_ids = lengths[:, None] + block * block_size + block_offsets
+            if max_cache_len is None:
+                visible = torch.cat([visible, visible.new_ones(num_rows, block_size)], 1)
+            else:
+                start = key_padding.shape[1] + block * block_size
+                visible[:, start : start + block_size] = True
+            mask = additive_mask(visible[:, None, None, :], lm_dtype)
+            hidden = language_model_step(cache, position_ids, mask, inputs_embeds=embeds)
+            return hidden.float() + positions[(block + 1) * block_size : (block + 2) * block_size]
+
+        return feed_block
+
     # Generation ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -351,40 +390,12 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         # Block steps attend to the KV cache without repeating it per query head (see `packed_gqa_attention`).
         with packed_gqa_attention(self.language_model):
             hidden, cache, key_padding, lengths = self.prefill(row_ids, prefix_ids, device, max_cache_len)
-
             # Fixed 2-D sin-cos position of every image token (float32), added to the head condition and to the
             # embedding of the same block's tokens when they are fed back.
             positions = sincos_2d_sequence(grid_height, grid_width, hidden.shape[-1], block_size).to(device)
-            lm_dtype = self.language_model.dtype
-            block_offsets = torch.arange(block_size, device=device)
-            num_rows = len(row_ids)
-
-            # Every cached real token and the whole new block are visible; left padding (and, in a static cache, the
-            # positions not yet written) is not.
-            visible = ~key_padding
-            if max_cache_len is not None:
-                visible = torch.cat([visible, visible.new_zeros(num_rows, max_cache_len - visible.shape[1])], 1)
-            language_model_step = self._language_model_step
-            if self._cuda_graphs:  # implies the static cache (see `enable_cuda_graphs`)
-                language_model_step = self._graphed_language_model_step(cache)
-
-            def feed_block(tokens: torch.Tensor, block: int) -> torch.Tensor:
-                nonlocal visible
-                block_positions = positions[block * block_size : (block + 1) * block_size]
-                embeds = (self.projector(tokens).float() + block_positions).to(lm_dtype)
-                position_ids = lengths[:, None] + block * block_size + block_offsets
-                if max_cache_len is None:
-                    visible = torch.cat([visible, visible.new_ones(num_rows, block_size)], 1)
-                else:
-                    start = key_padding.shape[1] + block * block_size
-                    visible[:, start : start + block_size] = True
-                mask = additive_mask(visible[:, None, None, :], lm_dtype)
-                hidden = language_model_step(cache, position_ids, mask, inputs_embeds=embeds)
-                return hidden.float() + positions[(block + 1) * block_size : (block + 2) * block_size]
-
             latents = self.sample_blocks(
                 condition=hidden.float() + positions[:block_size],
-                feed_block=feed_block,
+                feed_block=self._block_feeder(cache, key_padding, lengths, positions, max_cache_len),
                 num_images=num_images,
                 num_blocks=num_blocks,
                 num_channels=num_channels,
@@ -396,7 +407,7 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
         # The KV cache (and a CUDA graph's memory pool) is done with: free it before the decode needs its memory.
-        del feed_block, language_model_step, cache, hidden
+        del cache, hidden
 
         codes = sequence_to_grid(latents, grid_height, grid_width, block_size)
         if output_type == "latent":
