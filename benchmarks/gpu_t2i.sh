@@ -9,9 +9,13 @@
 #            cuBLAS GEMMs) under the graphs;
 #   autotune the same with max-autotune-no-cudagraphs (Triton GEMM tilings for the skinny block-step matmuls; long
 #            compile);
+#   gemms    every matrix product of a head call and a block step at those shapes, timed alone (cuBLAS, split-K)
+#            against its weight-read floor: which products keep the head and the block step off the floor (~1 min);
+#   gemms-autotune  the same with Triton tilings searched per shape (torch.compile max-autotune; a few minutes);
 #   imagenet class-conditional BitDance-B with 1x / 4x / 16x heads (P = 1, 4, 16), 256x256, bf16, images/s at batch
 #            64 and 256.
-# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [fp8-compile] [compile] [autotune] [imagenet]   (none: check bf16 scaling fp8)
+# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [fp8-compile] [compile] [autotune] [gemms]
+#            [gemms-autotune] [imagenet]   (none: check bf16 scaling fp8)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
 source benchmarks/device_setup.sh
@@ -42,6 +46,13 @@ if [[ $PARTS == *" compile "* ]]; then
 fi
 if [[ $PARTS == *" autotune "* ]]; then
     $BENCH $BIG $GRAPHS --compile max-autotune-no-cudagraphs 2>&1 | quiet | tail -12
+fi
+if [[ $PARTS == *" gemms "* ]]; then
+    python3 benchmarks/profile_gemms.py --device cuda --config 14b-64x --json $OUT/results.jsonl 2>&1 | quiet | tail -20
+fi
+if [[ $PARTS == *" gemms-autotune "* ]]; then
+    python3 benchmarks/profile_gemms.py --device cuda --config 14b-64x --autotune --json $OUT/results.jsonl 2>&1 |
+        quiet | tail -20
 fi
 if [[ $PARTS == *" imagenet "* ]]; then
     for block_size in 1 4 16; do

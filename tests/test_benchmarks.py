@@ -145,3 +145,23 @@ def test_shapes_quality_benchmark_with_a_swapped_sampler_and_quantization(tmp_pa
     row = json.loads(results.read_text())
     assert row["scheduler"] == "flow-heun" and row["quantize"] == "int8wo" and row["prompts"] == 2
     assert all(0 <= row[metric] <= 1 for metric in ("color", "position", "background", "shape"))
+
+
+def test_gemm_profile_times_every_product_of_a_head_call_and_a_block_step(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    output = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "profile_gemms.py"), "--config", "tiny", "--height", "128", "--width", "128",
+         "--dtype", "fp32", "--bandwidth", "0.02", "--calls", "2", "--json", str(results)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "per call: products in milliseconds" in output
+    gemms = json.loads(results.read_text())["gemms"]
+    per_call = {part: sum(g["per_call"] for g in gemms if g["part"] == part) for part in {g["part"] for g in gemms}}
+    # Tiny: 2 language-model layers of 7 projections; the head's 16 = input, 2 time, condition, 2 blocks x 4,
+    # 2 adaLN projections, final modulation and output.
+    assert per_call == {"language-model block step": 14, "head call": 16}
+    # Both guidance branches of one 16-token block go through every token-wise product.
+    assert {g["rows"] for g in gemms if g["part"] == "language-model block step"} == {32}
+    for gemm in gemms:
+        assert gemm["floor_us"] > 0 and gemm["linear us"] > 0
+        assert gemm["linear error"] < 1e-5 and gemm.get("split-K 2 error", 0) < 1e-5

@@ -1,0 +1,227 @@
+"""The matrix products of one head call and one language-model block step, timed one by one against their floor.
+
+    python benchmarks/profile_gemms.py --device cuda --config 14b-64x --height 1024 --width 1024 [--autotune]
+
+At batch 1 every head call and every block step streams its weights once, so each product should run at the copy
+bandwidth. This script says which ones do. The shapes come from the pipeline itself: a generation on fake tensors
+(`fake_generation.py`: no memory, no compute) with a hook on every ``nn.Linear`` records the products of the first
+head call and of the first block step. Each distinct shape is then run on random weights in the run's dtype, in
+variants:
+
+* ``cublas``: ``F.linear``, what the pipeline runs;
+* ``split-K s``: the K axis cut into ``s`` chunks, one batched product into float32 partial sums, then their sum
+  (more SMs stream the weight when few output tiles would keep the rest idle; s = 2 and 4);
+* ``autotuned`` (``--autotune``): ``torch.compile(mode="max-autotune-no-cudagraphs")`` of ``F.linear`` (Triton
+  tilings searched per shape; a few seconds each).
+
+On CUDA a variant is timed as the pipeline runs it: ``--calls`` products captured in one CUDA graph, cycling over
+copies of the weight that together exceed the L2 cache, median of the replays. On CPU it is timed with the host clock
+(the test suite runs a tiny config so). Per shape the table gives microseconds per product, the floor (the bytes of
+weight, input and output over the copy bandwidth measured in the same run, or ``--bandwidth``), the best variant's
+ratio to it and its error against a float64 product; per part, the sums over a call. ``--json`` appends the rows.
+"""
+
+import argparse
+import statistics
+import time
+from collections import Counter
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from bench_utils import append_rows, measure_gpu_ceilings, print_table
+from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+
+L2_BYTES = 50 * 2**20  # H100 / H200
+
+
+class _ShapesRecorded(Exception):
+    """Ends the fake generation once the first block step has run: every later call repeats its shapes."""
+
+
+def record_linear_shapes(args) -> dict[str, Counter]:
+    """``{part: Counter((rows, in_features, out_features, bias) -> products per call)}`` of the first head call and
+    the first language-model block step of a generation with the options of ``args``."""
+    shapes = {"head call": Counter(), "language-model block step": Counter()}
+    calls = Counter()
+    recording = [None]
+
+    def enter(part):
+        def hook(*_):
+            calls[part] += 1
+            # The first language-model call is the prompt's prefill; the second is the first block step.
+            first = calls[part] == (2 if part == "language-model block step" else 1)
+            recording[0] = part if first else None
+
+        return hook
+
+    def leave(*_):
+        if calls["language-model block step"] == 2:
+            raise _ShapesRecorded
+        recording[0] = None
+
+    def record(module, inputs, _output):
+        if recording[0] is not None:
+            rows = inputs[0].numel() // module.in_features
+            shapes[recording[0]][(rows, module.in_features, module.out_features, module.bias is not None)] += 1
+
+    with FakeTensorMode():
+        pipe, _ = build_fake_pipeline(args)
+        for module, part in ((pipe.language_model, "language-model block step"), (pipe.diffusion_head, "head call")):
+            module.register_forward_pre_hook(enter(part))
+            module.register_forward_hook(leave)
+            for linear in module.modules():
+                if isinstance(linear, torch.nn.Linear):
+                    linear.register_forward_hook(record)
+        try:
+            generate(pipe, args, num_inference_steps=1, output_type="latent")
+        except _ShapesRecorded:
+            pass
+    return shapes
+
+
+def split_k_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, splits: int) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x`` ``[M, K]`` as ``splits`` products over slices of K, summed in float32."""
+    rows, features = x.shape
+    x_slices = x.view(rows, splits, features // splits).transpose(0, 1)  # [s, M, K/s]
+    w_slices = weight.view(weight.shape[0], splits, features // splits).permute(1, 2, 0)  # [s, K/s, N]
+    if x.is_cuda and x.dtype != torch.float32:
+        partial = torch.bmm(x_slices, w_slices, out_dtype=torch.float32)  # float32 accumulators written out
+    else:  # out_dtype is CUDA-only
+        partial = torch.bmm(x_slices.float(), w_slices.float())
+    out = partial.sum(0)
+    if bias is not None:
+        out += bias
+    return out.to(x.dtype)
+
+
+def seconds_per_product(product, inputs: list[tuple], calls: int, device: torch.device) -> float:
+    """Median seconds of one ``product(*inputs[i])``, cycling over ``inputs``: on CUDA replayed from a graph of
+    ``calls`` products, elsewhere timed with the host clock."""
+    if device.type != "cuda":
+        product(*inputs[0])
+        samples = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for index in range(calls):
+                product(*inputs[index % len(inputs)])
+            samples.append((time.perf_counter() - start) / calls)
+        return statistics.median(samples)
+    side_stream = torch.cuda.Stream(device)
+    side_stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side_stream):  # warm-up outside the graph: cuBLAS handles, compilation, autotuning
+        for operands in inputs[:2]:
+            product(*operands)
+    torch.cuda.current_stream(device).wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for index in range(calls):
+            product(*inputs[index % len(inputs)])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(10):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(samples)
+
+
+def autotuned_linear():
+    """A fresh ``torch.compile(mode="max-autotune-no-cudagraphs")`` of ``F.linear`` (one per shape: Dynamo's
+    recompilation limit would otherwise send later shapes to eager)."""
+    torch._dynamo.reset()
+
+    def linear(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    return torch.compile(linear, mode="max-autotune-no-cudagraphs", dynamic=False)
+
+
+def time_shape(shape, variants: dict, dtype, device, calls: int, bandwidth: float) -> dict:
+    """Times every variant (``name -> function returning the product``) on one ``(rows, in, out, bias)`` product;
+    returns microseconds, floor and errors."""
+    rows, features, outputs, has_bias = shape
+    weight_bytes = outputs * features * torch.finfo(dtype).bits // 8
+    copies = max(2, -(-4 * L2_BYTES // weight_bytes)) if device.type == "cuda" else 2
+    inputs = []
+    for _ in range(copies):
+        weight = torch.randn(outputs, features, device=device, dtype=dtype) / features**0.5
+        bias = torch.randn(outputs, device=device, dtype=dtype) if has_bias else None
+        inputs.append((torch.randn(rows, features, device=device, dtype=dtype), weight, bias))
+    x, weight, bias = inputs[0]
+    reference = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    moved = weight_bytes + (rows * features + rows * outputs + (outputs if has_bias else 0)) * x.element_size()
+    result = {"floor_us": moved / bandwidth * 1e6, "weight_mb": weight_bytes / 1e6}
+    for name, make_product in variants.items():
+        if name.startswith("split-K") and features % int(name.split()[-1]):
+            continue
+        product = make_product()
+        out = product(x, weight, bias)
+        result[f"{name} error"] = float((out.double() - reference).norm() / reference.norm())
+        result[f"{name} us"] = seconds_per_product(product, inputs, calls, device) * 1e6
+    del inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_fake_generation_arguments(parser)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--autotune", action="store_true", help="add torch.compile(max-autotune-no-cudagraphs)")
+    parser.add_argument("--calls", type=int, default=32, help="products per timed graph (CUDA) or loop (CPU)")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="TB/s for the floor (default: the copy bandwidth measured on CUDA; required on CPU)")
+    parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.bandwidth is None and device.type != "cuda":
+        parser.error("--bandwidth is needed off CUDA (there is no copy bandwidth to measure it against)")
+
+    shapes = record_linear_shapes(args)
+    bandwidth = args.bandwidth * 1e12 if args.bandwidth else measure_gpu_ceilings(device)[0]
+    variants = {"cublas" if device.type == "cuda" else "linear": lambda: F.linear,
+                "split-K 2": lambda: partial(split_k_linear, splits=2),
+                "split-K 4": lambda: partial(split_k_linear, splits=4)}  # fmt: skip
+    if args.autotune:
+        variants["autotuned"] = autotuned_linear
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+    rows, summary, records = [], [], []
+    for part, counts in shapes.items():
+        totals = Counter()
+        for shape, count in sorted(counts.items(), key=lambda item: -item[0][1] * item[0][2] * item[1]):
+            timing = time_shape(shape, variants, dtype, device, args.calls, bandwidth)
+            times = {name: timing[f"{name} us"] for name in variants if f"{name} us" in timing}
+            best = min(times, key=times.get)
+            rows.append([part, f"{shape[0]}x{shape[1]}->{shape[2]}", count, f"{timing['weight_mb']:.1f}",
+                         *[f"{times[name]:.1f}" if name in times else "-" for name in variants],
+                         f"{timing['floor_us']:.1f}", best, f"{times[best] / timing['floor_us']:.2f}",
+                         f"{timing[f'{best} error']:.1e}"])  # fmt: skip
+            totals["floor"] += count * timing["floor_us"]
+            totals["best"] += count * times[best]
+            for name, value in times.items():
+                totals[name] += count * value
+            records.append({"part": part, "rows": shape[0], "in_features": shape[1], "out_features": shape[2],
+                            "bias": shape[3], "per_call": count, **timing})  # fmt: skip
+        summary.append([part, sum(counts.values()), *[f"{totals[name] / 1e3:.3f}" for name in variants],
+                        f"{totals['best'] / 1e3:.3f}", f"{totals['floor'] / 1e3:.3f}",
+                        f"{totals['best'] / totals['floor']:.2f}"])  # fmt: skip
+
+    title = (f"{args.config} {args.height}x{args.width} batch={args.batch} cfg={args.guidance} {args.dtype} on "
+             f"{device.type}: one product per shape, microseconds (floor at {bandwidth / 1e12:.2f} TB/s)")  # fmt: skip
+    print_table(title, ["part", "rows x in -> out", "per call", "weight MB", *[f"{n} us" for n in variants],
+                        "floor us", "best", "best / floor", "error"], rows)  # fmt: skip
+    print_table("per call: products in milliseconds", ["part", "products", *[f"{n} ms" for n in variants],
+                                                         "best ms", "floor ms", "best / floor"], summary)  # fmt: skip
+    if args.json:
+        append_rows(args.json, [{"run": title, "gemms": records}], device)
+
+
+if __name__ == "__main__":
+    main()
