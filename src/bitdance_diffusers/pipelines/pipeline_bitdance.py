@@ -18,9 +18,9 @@ from ..models.diffusion_head import BitDanceDiffusionHead
 from ..models.embeddings import sincos_2d_sequence
 from ..models.projector import BitDanceProjector
 from ..utils.attention_masks import additive_mask, block_causal_allowed
-from ..utils.token_layout import patch_size_for_block, sequence_to_grid
 from ..utils.cuda_graphs import CUDAGraphRunner
 from ..utils.grouped_query_attention import packed_gqa_attention
+from ..utils.token_layout import patch_size_for_block, sequence_to_grid
 from .block_sampling import BlockAutoregressiveMixin
 
 
