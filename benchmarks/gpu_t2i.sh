@@ -9,9 +9,11 @@
 #            cuBLAS GEMMs) under the graphs;
 #   autotune the same with max-autotune-no-cudagraphs (Triton GEMM tilings for the skinny block-step matmuls; long
 #            compile);
-#   gemms    every matrix product of a head call and a block step at those shapes, timed alone (cuBLAS, split-K)
-#            against its weight-read floor: which products keep the head and the block step off the floor (~1 min);
-#   gemms-autotune  the same with Triton tilings searched per shape (torch.compile max-autotune; a few minutes);
+#   gemms    every matrix product of a head call and a block step at those shapes, timed alone (cuBLAS, split-K,
+#            int8 and fp8 weight-only as torchao computes them) against its weight-read floor: which products keep
+#            the head and the block step off the floor (~1 min);
+#   gemms-autotune  the same plus max-autotune compiles of the bf16 and weight-only products: do Triton tilings beat
+#            cuBLAS, and does a quantized weight, its conversion fused into the matmul, beat the bf16 floor (minutes);
 #   imagenet class-conditional BitDance-B with 1x / 4x / 16x heads (P = 1, 4, 16), 256x256, bf16, images/s at batch
 #            64 and 256.
 # Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [fp8-compile] [compile] [autotune] [gemms]

@@ -11,21 +11,28 @@ variants:
 * ``cublas``: ``F.linear``, what the pipeline runs;
 * ``split-K s``: the K axis cut into ``s`` chunks, one batched product into float32 partial sums, then their sum
   (more SMs stream the weight when few output tiles would keep the rest idle; s = 2 and 4);
-* ``autotuned`` (``--autotune``): ``torch.compile(mode="max-autotune-no-cudagraphs")`` of ``F.linear`` (Triton
-  tilings searched per shape; a few seconds each).
+* ``int8 weights`` / ``fp8 weights``: weight-only quantization with one scale per output row, computed as torchao's
+  weight-only linears compute it, ``F.linear(x, weight.to(x.dtype)) * scale``: eager, the conversion is a kernel of
+  its own that writes the whole bf16 weight;
+* with ``--autotune``, ``torch.compile(mode="max-autotune-no-cudagraphs")`` of ``cublas`` and of the two weight-only
+  products (Triton tilings searched per shape, a few seconds each; the weight conversion can then fuse into the
+  matmul as its prologue, so a quantized weight is read in its own width).
 
 On CUDA a variant is timed as the pipeline runs it: ``--calls`` products captured in one CUDA graph, cycling over
 copies of the weight that together exceed the L2 cache, median of the replays. On CPU it is timed with the host clock
 (the test suite runs a tiny config so). Per shape the table gives microseconds per product, the floor (the bytes of
 weight, input and output over the copy bandwidth measured in the same run, or ``--bandwidth``), the best variant's
-ratio to it and its error against a float64 product; per part, the sums over a call. ``--json`` appends the rows.
+ratio to it (over the unquantized variants; a weight-only variant below 1 beats the bf16 floor) and errors against a
+float64 product; per part, the sums over a call. ``--json`` appends the rows.
 """
 
 import argparse
 import statistics
 import time
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -130,20 +137,58 @@ def seconds_per_product(product, inputs: list[tuple], calls: int, device: torch.
     return statistics.median(samples)
 
 
-def autotuned_linear():
-    """A fresh ``torch.compile(mode="max-autotune-no-cudagraphs")`` of ``F.linear`` (one per shape: Dynamo's
+def quantize_rows(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(quantized [N, K], scale [N])`` with one scale per output row (int8: symmetric, rounded; fp8: e4m3)."""
+    largest = 127.0 if dtype == torch.int8 else torch.finfo(dtype).max
+    scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / largest
+    scaled = weight.float() / scale[:, None]
+    quantized = (scaled.round().clamp(-128, 127) if dtype == torch.int8 else scaled).to(dtype)
+    return quantized, scale.to(weight.dtype)
+
+
+def weight_only_linear(x: torch.Tensor, quantized: tuple, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product of torchao's weight-only linears: the weight converted to the input's dtype, scaled per row."""
+    weight, scale = quantized
+    out = F.linear(x, weight.to(x.dtype)) * scale
+    return out if bias is None else out + bias
+
+
+@dataclass
+class Variant:
+    """One way to compute ``F.linear(x, weight, bias)``: ``prepare`` turns each weight into the operand ``product``
+    takes (once, outside the timing); ``compiled`` products are compiled afresh for every shape (Dynamo's
     recompilation limit would otherwise send later shapes to eager)."""
-    torch._dynamo.reset()
 
-    def linear(x, weight, bias):
-        return F.linear(x, weight, bias)
+    product: Callable
+    prepare: Callable = lambda weight: weight
+    quantized: bool = False
+    compiled: bool = False
 
-    return torch.compile(linear, mode="max-autotune-no-cudagraphs", dynamic=False)
+    def build(self) -> Callable:
+        if not self.compiled:
+            return self.product
+        torch._dynamo.reset()
+        return torch.compile(self.product, mode="max-autotune-no-cudagraphs", dynamic=False)
 
 
-def time_shape(shape, variants: dict, dtype, device, calls: int, bandwidth: float) -> dict:
-    """Times every variant (``name -> function returning the product``) on one ``(rows, in, out, bias)`` product;
-    returns microseconds, floor and errors."""
+def variants_for(device: torch.device, autotune: bool) -> dict[str, Variant]:
+    int8, fp8 = (partial(quantize_rows, dtype=dtype) for dtype in (torch.int8, torch.float8_e4m3fn))
+    variants = {
+        "cublas" if device.type == "cuda" else "linear": Variant(F.linear),
+        "split-K 2": Variant(partial(split_k_linear, splits=2)),
+        "split-K 4": Variant(partial(split_k_linear, splits=4)),
+        "int8 weights": Variant(weight_only_linear, int8, quantized=True),
+        "fp8 weights": Variant(weight_only_linear, fp8, quantized=True),
+    }
+    if autotune:
+        variants["autotuned"] = Variant(F.linear, compiled=True)
+        variants["int8 weights autotuned"] = Variant(weight_only_linear, int8, quantized=True, compiled=True)
+        variants["fp8 weights autotuned"] = Variant(weight_only_linear, fp8, quantized=True, compiled=True)
+    return variants
+
+
+def time_shape(shape, variants: dict[str, Variant], dtype, device, calls: int, bandwidth: float) -> dict:
+    """Times every variant on one ``(rows, in, out, bias)`` product; returns microseconds, floor and errors."""
     rows, features, outputs, has_bias = shape
     weight_bytes = outputs * features * torch.finfo(dtype).bits // 8
     copies = min(calls, max(2, -(-4 * L2_BYTES // weight_bytes))) if device.type == "cuda" else 2
@@ -156,14 +201,15 @@ def time_shape(shape, variants: dict, dtype, device, calls: int, bandwidth: floa
     reference = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     moved = weight_bytes + (rows * features + rows * outputs + (outputs if has_bias else 0)) * x.element_size()
     result = {"floor_us": moved / bandwidth * 1e6, "weight_mb": weight_bytes / 1e6}
-    for name, make_product in variants.items():
+    for name, variant in variants.items():
         if name.startswith("split-K") and features % int(name.split()[-1]):
             continue
         try:  # one variant failing on this device (a compile, a capture) leaves the others' figures
-            product = make_product()
-            out = product(x, weight, bias)
+            product = variant.build()
+            operands = [(x, variant.prepare(w), b) for x, w, b in inputs]
+            out = product(*operands[0])
             result[f"{name} error"] = float((out.double() - reference).norm() / reference.norm())
-            result[f"{name} us"] = seconds_per_product(product, inputs, calls, device) * 1e6
+            result[f"{name} us"] = seconds_per_product(product, operands, calls, device) * 1e6
         except (RuntimeError, TypeError) as error:
             print(f"{name} failed on {rows}x{features}->{outputs}: {str(error).splitlines()[0]}")
     del inputs
@@ -176,7 +222,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fake_generation_arguments(parser)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--autotune", action="store_true", help="add torch.compile(max-autotune-no-cudagraphs)")
+    parser.add_argument("--autotune", action="store_true", help="add the max-autotune compiled variants")
     parser.add_argument("--calls", type=int, default=32, help="products per timed graph (CUDA) or loop (CPU)")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="TB/s for the floor (default: the copy bandwidth measured on CUDA; required on CPU)")
@@ -188,11 +234,7 @@ def main():
 
     shapes = record_linear_shapes(args)
     bandwidth = args.bandwidth * 1e12 if args.bandwidth else measure_gpu_ceilings(device)[0]
-    variants = {"cublas" if device.type == "cuda" else "linear": lambda: F.linear,
-                "split-K 2": lambda: partial(split_k_linear, splits=2),
-                "split-K 4": lambda: partial(split_k_linear, splits=4)}  # fmt: skip
-    if args.autotune:
-        variants["autotuned"] = autotuned_linear
+    variants = variants_for(device, args.autotune)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
 
     rows, summary, records = [], [], []
@@ -201,7 +243,7 @@ def main():
         for shape, count in sorted(counts.items(), key=lambda item: -item[0][1] * item[0][2] * item[1]):
             timing = time_shape(shape, variants, dtype, device, args.calls, bandwidth)
             times = {name: timing[f"{name} us"] for name in variants if f"{name} us" in timing}
-            best = min(times, key=times.get)
+            best = min((name for name in times if not variants[name].quantized), key=times.get)
             rows.append([part, f"{shape[0]}x{shape[1]}->{shape[2]}", count, f"{timing['weight_mb']:.1f}",
                          *[f"{times[name]:.1f}" if name in times else "-" for name in variants],
                          f"{timing['floor_us']:.1f}", best, f"{times[best] / timing['floor_us']:.2f}",

@@ -163,5 +163,7 @@ def test_gemm_profile_times_every_product_of_a_head_call_and_a_block_step(tmp_pa
     # Both guidance branches of one 16-token block go through every token-wise product.
     assert {g["rows"] for g in gemms if g["part"] == "language-model block step"} == {32}
     for gemm in gemms:
-        assert gemm["floor_us"] > 0 and gemm["linear us"] > 0
+        assert gemm["floor_us"] > 0 and gemm["linear us"] > 0 and gemm["int8 weights us"] > 0
         assert gemm["linear error"] < 1e-5 and gemm.get("split-K 2 error", 0) < 1e-5
+        # One scale per output row: int8 keeps about 2 decimal digits of each weight, e4m3 about 1.
+        assert 1e-4 < gemm["int8 weights error"] < 1e-2 and 1e-3 < gemm["fp8 weights error"] < 5e-2
