@@ -12,8 +12,9 @@
 #   gemms    every matrix product of a head call and a block step at those shapes, timed alone (cuBLAS, split-K,
 #            int8 and fp8 weight-only as torchao computes them) against its weight-read floor: which products keep
 #            the head and the block step off the floor (~1 min);
-#   gemms-autotune  the same plus max-autotune compiles of the bf16 and weight-only products: do Triton tilings beat
-#            cuBLAS, and does a quantized weight, its conversion fused into the matmul, beat the bf16 floor (minutes);
+#   gemms-autotune  the head's products again plus max-autotune compiles of the bf16 and weight-only products: do
+#            Triton tilings beat cuBLAS, and does a quantized weight, its conversion fused into the matmul, beat the
+#            bf16 floor (3 compiles x 9 shapes, minutes; the block step's: profile_gemms.py --only language-model);
 #   imagenet class-conditional BitDance-B with 1x / 4x / 16x heads (P = 1, 4, 16), 256x256, bf16, images/s at batch
 #            64 and 256.
 # Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [fp8-compile] [compile] [autotune] [gemms]
@@ -53,8 +54,8 @@ if [[ $PARTS == *" gemms "* ]]; then
     python3 benchmarks/profile_gemms.py --device cuda --config 14b-64x --json $OUT/results.jsonl 2>&1 | quiet | tail -20
 fi
 if [[ $PARTS == *" gemms-autotune "* ]]; then
-    python3 benchmarks/profile_gemms.py --device cuda --config 14b-64x --autotune --json $OUT/results.jsonl 2>&1 |
-        quiet | tail -20
+    python3 benchmarks/profile_gemms.py --device cuda --config 14b-64x --autotune --only head \
+        --json $OUT/results.jsonl 2>&1 | quiet | tail -16
 fi
 if [[ $PARTS == *" imagenet "* ]]; then
     for block_size in 1 4 16; do

@@ -223,6 +223,7 @@ def main():
     add_fake_generation_arguments(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autotune", action="store_true", help="add the max-autotune compiled variants")
+    parser.add_argument("--only", choices=["head", "language-model"], default=None, help="profile one part only")
     parser.add_argument("--calls", type=int, default=32, help="products per timed graph (CUDA) or loop (CPU)")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="TB/s for the floor (default: the copy bandwidth measured on CUDA; required on CPU)")
@@ -233,6 +234,8 @@ def main():
         parser.error("--bandwidth is needed off CUDA (there is no copy bandwidth to measure it against)")
 
     shapes = record_linear_shapes(args)
+    if args.only:
+        shapes = {part: counts for part, counts in shapes.items() if part.startswith(args.only)}
     bandwidth = args.bandwidth * 1e12 if args.bandwidth else measure_gpu_ceilings(device)[0]
     variants = variants_for(device, args.autotune)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
