@@ -9,6 +9,8 @@
 #            cuBLAS GEMMs) under the graphs;
 #   autotune the same with max-autotune-no-cudagraphs (Triton GEMM tilings for the skinny block-step matmuls; long
 #            compile);
+#   kernels  one head call and one block step at those shapes, bf16, eager, kernel by kernel (torch.profiler):
+#            matmul / attention / other device time per call against the CUDA-graph timings (~1 min);
 #   gemms    every matrix product of a head call and a block step at those shapes, timed alone (cuBLAS, split-K,
 #            int8 and fp8 weight-only as torchao computes them) against its weight-read floor: which products keep
 #            the head and the block step off the floor (~1 min);
@@ -17,7 +19,7 @@
 #            bf16 floor (3 compiles x 9 shapes, minutes; the block step's: profile_gemms.py --only language-model);
 #   imagenet class-conditional BitDance-B with 1x / 4x / 16x heads (P = 1, 4, 16), 256x256, bf16, images/s at batch
 #            64 and 256.
-# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [fp8-compile] [compile] [autotune] [gemms]
+# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [fp8-compile] [compile] [autotune] [kernels] [gemms]
 #            [gemms-autotune] [imagenet]   (none: check bf16 scaling fp8)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
@@ -49,6 +51,10 @@ if [[ $PARTS == *" compile "* ]]; then
 fi
 if [[ $PARTS == *" autotune "* ]]; then
     $BENCH $BIG $GRAPHS --compile max-autotune-no-cudagraphs 2>&1 | quiet | tail -12
+fi
+if [[ $PARTS == *" kernels "* ]]; then
+    python3 benchmarks/profile_kernels.py --device cuda --config 14b-64x --dtype bf16 --height 1024 --width 1024 \
+        --steps 50 --guidance 7.5 --blocks 2 2>&1 | quiet | tail -24
 fi
 if [[ $PARTS == *" gemms "* ]]; then
     python3 benchmarks/profile_gemms.py --device cuda --config 14b-64x --json $OUT/results.jsonl 2>&1 | quiet | tail -20

@@ -167,3 +167,17 @@ def test_gemm_profile_times_every_product_of_a_head_call_and_a_block_step(tmp_pa
         assert gemm["linear error"] < 1e-5 and gemm.get("split-K 2 error", 0) < 1e-5
         # One scale per output row: int8 keeps about 2 decimal digits of each weight, e4m3 about 1.
         assert 1e-4 < gemm["int8 weights error"] < 1e-2 and 1e-3 < gemm["fp8 weights error"] < 5e-2
+
+
+def test_kernel_profile_attributes_work_to_every_profiled_call():
+    output = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "profile_kernels.py"), "--config", "tiny", "--height", "128", "--width",
+         "128", "--steps", "2", "--blocks", "2"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    summary = output.split("with the most time")[0]
+    rows = {line.split()[0]: line.split() for line in summary.splitlines() if line.startswith(("head", "language"))}
+    # Two profiled blocks: their 2 x (2 + 1) head calls and the 2 block steps that feed them.
+    assert rows["head"][2] == "6" and rows["language-model"][3] == "2", output
+    head_matmul_ms = float(rows["head"][5])  # the head's 16 linears per call
+    assert head_matmul_ms > 0 and "aten::addmm" in output
