@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from bench_utils import append_rows, measure_gpu_ceilings, print_table
+from bench_utils import DTYPES, append_rows, measure_gpu_ceilings, print_table
 from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -206,7 +206,7 @@ def time_shape(shape, variants: dict[str, Variant], dtype, device, calls: int, b
             continue
         try:  # one variant failing on this device (a compile, a capture) leaves the others' figures
             product = variant.build()
-            operands = [(x, variant.prepare(w), b) for x, w, b in inputs]
+            operands = [(x_i, variant.prepare(w_i), b_i) for x_i, w_i, b_i in inputs]
             out = product(*operands[0])
             result[f"{name} error"] = float((out.double() - reference).norm() / reference.norm())
             result[f"{name} us"] = seconds_per_product(product, operands, calls, device) * 1e6
@@ -238,7 +238,7 @@ def main():
         shapes = {part: counts for part, counts in shapes.items() if part.startswith(args.only)}
     bandwidth = args.bandwidth * 1e12 if args.bandwidth else measure_gpu_ceilings(device)[0]
     variants = variants_for(device, args.autotune)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
 
     rows, summary, records = [], [], []
     for part, counts in shapes.items():
