@@ -19,6 +19,7 @@ PARTS=${*:-loaders 24gb offload}
 if [[ " $PARTS " == *" loaders "* ]]; then
     python3 benchmarks/bench_quantization.py --config small --device cuda --dtype bf16 \
         --schemes int8wo,fp8wo,fp8,nf4,int8 --json $OUT/results.jsonl 2>&1 | quiet | tail -12
+    echo "[loaders done at ${SECONDS} s]"
 fi
 
 if [[ " $PARTS " == *" 24gb "* ]]; then
@@ -30,14 +31,17 @@ if [[ " $PARTS " == *" 24gb "* ]]; then
             $BIG --quantize $scheme --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -13
     done
     rm -f $OUT/bf16.pt
+    echo "[24gb done at ${SECONDS} s]"
 fi
 
 if [[ " $PARTS " == *" 24gb-compiled "* ]]; then
     python3 benchmarks/bench_t2i.py --device cuda --json $OUT/results.jsonl --config 14b-64x --dtype bf16 --height 1024 \
         --width 1024 --steps 50 --guidance 7.5 --quantize int8wo --compile max-autotune-no-cudagraphs --cuda_graphs 2>&1 | quiet | tail -12
+    echo "[24gb-compiled done at ${SECONDS} s]"
 fi
 
 if [[ " $PARTS " == *" offload "* ]]; then
     python3 benchmarks/gpu_offload_check.py --config 14b --height 256 --width 256 --steps 10 \
         --modes model_cpu_offload,group_offload_language_model 2>&1 | quiet | tail -6
+    echo "[offload done at ${SECONDS} s]"
 fi

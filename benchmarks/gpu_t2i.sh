@@ -34,39 +34,49 @@ if [[ $PARTS == *" check "* ]]; then
     $BENCH $TINY --save_images $OUT/tiny_eager.pt 2>&1 | quiet | tail -3
     $BENCH $TINY --cuda_graphs --compare_to $OUT/tiny_eager.pt 2>&1 | quiet | tail -12 ||
         GRAPHS="--cuda_graphs --head_graphs_only"
+    echo "[check done at ${SECONDS} s]"
 fi
 if [[ $PARTS == *" bf16 "* || $PARTS == *" scaling "* || $PARTS == *" fp8"* ]]; then
     SCALING=""
     [[ $PARTS == *" scaling "* ]] && SCALING="--scaling --batches 1,4,8"
     $BENCH $BIG $GRAPHS $SCALING --save_images $OUT/bf16.pt 2>&1 | quiet | tail -40
+    echo "[bf16 done at ${SECONDS} s]"
 fi
 if [[ $PARTS == *" fp8 "* ]]; then
     $BENCH $BIG $GRAPHS --quantize fp8 --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -16
+    echo "[fp8 done at ${SECONDS} s]"
 fi
 if [[ $PARTS == *" fp8-compile "* ]]; then
     $BENCH $BIG $GRAPHS --quantize fp8 --compile default --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -16
+    echo "[fp8-compile done at ${SECONDS} s]"
 fi
 if [[ $PARTS == *" compile "* ]]; then
     $BENCH $BIG $GRAPHS --compile default 2>&1 | quiet | tail -12
+    echo "[compile done at ${SECONDS} s]"
 fi
 if [[ $PARTS == *" autotune "* ]]; then
     $BENCH $BIG $GRAPHS --compile max-autotune-no-cudagraphs 2>&1 | quiet | tail -12
+    echo "[autotune done at ${SECONDS} s]"
 fi
 if [[ $PARTS == *" kernels "* ]]; then
     python3 benchmarks/profile_kernels.py --device cuda --config 14b-64x --dtype bf16 --height 1024 --width 1024 \
         --steps 50 --guidance 7.5 --blocks 2 2>&1 | quiet | tail -24
+    echo "[kernels done at ${SECONDS} s]"
 fi
 if [[ $PARTS == *" gemms "* ]]; then
     python3 benchmarks/profile_gemms.py --device cuda --config 14b-64x --json $OUT/results.jsonl 2>&1 | quiet | tail -20
+    echo "[gemms done at ${SECONDS} s]"
 fi
 if [[ $PARTS == *" gemms-autotune "* ]]; then
     python3 benchmarks/profile_gemms.py --device cuda --config 14b-64x --autotune --only head \
         --json $OUT/results.jsonl 2>&1 | quiet | tail -16
+    echo "[gemms-autotune done at ${SECONDS} s]"
 fi
 if [[ $PARTS == *" imagenet "* ]]; then
     for block_size in 1 4 16; do
         python3 benchmarks/bench_imagenet.py --device cuda --dtype bf16 --cuda_graphs --size B --block_size $block_size \
             --batch 64 --batches 64,256 --json $OUT/results.jsonl 2>&1 | quiet | tail -14
     done
+    echo "[imagenet done at ${SECONDS} s]"
 fi
 rm -f $OUT/bf16.pt $OUT/tiny_eager.pt
