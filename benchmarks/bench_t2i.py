@@ -218,6 +218,8 @@ def main():
     parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
     parser.add_argument("--save_images", default=None, help="save the generated images (a .pt tensor) here")
     parser.add_argument("--compare_to", default=None, help="report PSNR against images saved by --save_images")
+    parser.add_argument("--min_psnr", type=float, default=None,
+                        help="with --compare_to: exit with an error (after writing the rows) below this PSNR in dB")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -324,6 +326,8 @@ def main():
 
     if args.json:
         append_rows(args.json, results, device)
+    if args.min_psnr is not None and psnr is not None and psnr < args.min_psnr:
+        raise SystemExit(f"PSNR {psnr:.2f} dB against {args.compare_to} is below --min_psnr {args.min_psnr} dB")
 
 
 if __name__ == "__main__":

@@ -181,3 +181,16 @@ def test_kernel_profile_attributes_work_to_every_profiled_call():
     assert rows["head"][2] == "6" and rows["language-model"][3] == "2", output
     head_matmul_ms = float(rows["head"][5])  # the head's 16 linears per call
     assert head_matmul_ms > 0 and "aten::addmm" in output
+
+
+def test_t2i_benchmark_fails_below_the_required_psnr(tmp_path):
+    run = [sys.executable, str(BENCHMARKS / "bench_t2i.py"), "--config", "tiny", "--height", "128", "--width", "128"]
+    reference, results = tmp_path / "reference.pt", tmp_path / "rows.jsonl"
+    subprocess.run(run + ["--steps", "2", "--save_images", str(reference)], capture_output=True, check=True)
+    same = subprocess.run(run + ["--steps", "2", "--compare_to", str(reference), "--min_psnr", "60"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert same.returncode == 0 and "PSNR" in same.stdout
+    other = subprocess.run(run + ["--steps", "3", "--compare_to", str(reference), "--min_psnr", "60", "--json",
+                                  str(results)], capture_output=True, text=True)  # fmt: skip
+    assert other.returncode != 0 and "below --min_psnr 60" in other.stderr
+    assert json.loads(results.read_text())["psnr_db"] < 60  # the row is written before the error
