@@ -6,6 +6,8 @@
 #   scaling  the same with the scaling tables (head steps, batch 1/4/8, guidance): several minutes;
 #   fp8      torchao fp8 (dynamic, per row) against the bf16 image (runs bf16 first if that part did not);
 #   fp8-compile  the same fp8 run compiled (default mode: inductor fuses the activation quantisation);
+#   fp8wo-autotune  float8 weight-only, compiled in max-autotune mode (the only mode in which inductor fuses the
+#            weight conversion into a Triton matmul, so the weights are read at 1 byte each; long compile);
 #   compile  the same bf16 run with the head and language model compiled (default mode: fused elementwise ops around
 #            cuBLAS GEMMs) under the graphs;
 #   autotune the same with max-autotune-no-cudagraphs (Triton GEMM tilings for the skinny block-step matmuls; long
@@ -20,8 +22,8 @@
 #            bf16 floor (3 compiles x 9 shapes, minutes; the block step's: profile_gemms.py --only language-model);
 #   imagenet class-conditional BitDance-B with 1x / 4x / 16x heads (P = 1, 4, 16), 256x256, bf16, images/s at batch
 #            64 and 256.
-# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [fp8-compile] [compile] [autotune] [kernels] [gemms]
-#            [gemms-autotune] [imagenet]   (none: check bf16 scaling fp8)
+# Usage: benchmarks/gpu_t2i.sh [check] [bf16] [scaling] [fp8] [fp8-compile] [fp8wo-autotune] [compile] [autotune]
+#            [kernels] [gemms] [gemms-autotune] [imagenet]   (none: check bf16 scaling fp8)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
 source benchmarks/device_setup.sh
@@ -50,6 +52,11 @@ fi
 if [[ $PARTS == *" fp8-compile "* ]]; then
     $BENCH $BIG $GRAPHS --quantize fp8 --compile default --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -16
     echo "[fp8-compile done at ${SECONDS} s]"
+fi
+if [[ $PARTS == *" fp8wo-autotune "* ]]; then
+    $BENCH $BIG $GRAPHS --quantize fp8wo --compile max-autotune-no-cudagraphs --compare_to $OUT/bf16.pt 2>&1 | quiet |
+        tail -16
+    echo "[fp8wo-autotune done at ${SECONDS} s]"
 fi
 if [[ $PARTS == *" compile "* ]]; then
     $BENCH $BIG $GRAPHS --compile default 2>&1 | quiet | tail -12
