@@ -89,20 +89,16 @@ class Recorder:
         graphed_step = pipe._graphed_language_model_step
         pipe._language_model_step = self._timed(pipe._language_model_step, self._llm_bucket)
         pipe._graphed_language_model_step = lambda cache: self._timed(graphed_step(cache), self._llm_bucket)
+        # The head is timed where `sample_blocks` calls it (its CUDA-graph runner, else the module), outside any
+        # compiled code: a wrapper of the module's forward would be traced by torch.compile.
         runner = pipe._head_cuda_graphs
-        if runner is not None:
-            pipe._head_cuda_graphs = self._timed(runner, self._head_bucket)
-        else:
-            pipe.diffusion_head.forward = self._timed(pipe.diffusion_head.forward, self._head_bucket)
+        pipe._head_cuda_graphs = self._timed(runner or pipe.diffusion_head, self._head_bucket)
         pipe.vae.decode = self._timed(pipe.vae.decode, "decode")
         try:
             yield self
         finally:
             del pipe._language_model_step, pipe._graphed_language_model_step, pipe.vae.decode
-            if runner is not None:
-                pipe._head_cuda_graphs = runner
-            else:
-                del pipe.diffusion_head.forward
+            pipe._head_cuda_graphs = runner
 
     def block_callback(self, pipe, block, timestep, callback_kwargs):
         synchronize(self.device)

@@ -49,8 +49,8 @@ def work_items(event, on_cuda: bool):
 
 @contextmanager
 def profiled_ranges(pipe):
-    """Wraps the head's forward and the pipeline's language-model step in profiler ranges named after ``PARTS``."""
-    head_forward, language_model_step = pipe.diffusion_head.forward, pipe._language_model_step
+    """Puts every head call and language-model step in a profiler range named after ``PARTS``, around the calls the
+    pipeline makes (the head where `sample_blocks` calls it), outside any compiled code."""
 
     def ranged(function, name):
         def wrapper(*args, **kwargs):
@@ -59,12 +59,13 @@ def profiled_ranges(pipe):
 
         return wrapper
 
-    pipe.diffusion_head.forward = ranged(head_forward, PARTS[0])
-    pipe._language_model_step = ranged(language_model_step, PARTS[1])
+    pipe._head_cuda_graphs = ranged(pipe.diffusion_head, PARTS[0])
+    pipe._language_model_step = ranged(pipe._language_model_step, PARTS[1])
     try:
         yield
     finally:
-        del pipe.diffusion_head.forward, pipe._language_model_step
+        pipe._head_cuda_graphs = None
+        del pipe._language_model_step
 
 
 def main():
