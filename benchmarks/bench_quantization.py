@@ -93,7 +93,9 @@ def main():
         reference_codes = reference_images = None
         for scheme in ["none", *schemes]:
             config = None if scheme == "none" else pipeline_quantization_config(scheme, compute_dtype=dtype)
-            pipe = BitDancePipeline.from_pretrained(folder, dtype=dtype, quantization_config=config).to(device)
+            # Loaded straight onto the device: bitsandbytes models cannot be moved with `.to()` after loading.
+            pipe = BitDancePipeline.from_pretrained(folder, dtype=dtype, quantization_config=config,
+                                                    device_map=device.type)  # fmt: skip
             pipe.set_progress_bar_config(disable=True)
             generate(pipe, args, device)  # warm-up
             codes, seconds = generate(pipe, args, device)
