@@ -137,7 +137,8 @@ def quantize_model_(model: torch.nn.Module, scheme: str):
             else:
                 layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, device="meta",
                                             has_fp16_weights=False, threshold=6.0)  # fmt: skip
-                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+                # Int8Params quantizes only when it leaves the CPU: a weight already on the GPU starts from a CPU copy.
+                layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
             layer.weight = layer.weight.to(weight.device)  # bitsandbytes quantizes when the weight is moved
             if has_bias:
                 layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
