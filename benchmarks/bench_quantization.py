@@ -93,9 +93,7 @@ def main():
         reference_codes = reference_images = None
         for scheme in ["none", *schemes]:
             config = None if scheme == "none" else pipeline_quantization_config(scheme, compute_dtype=dtype)
-            # Loaded straight onto the device: bitsandbytes models cannot be moved with `.to()` after loading.
-            pipe = BitDancePipeline.from_pretrained(folder, dtype=dtype, quantization_config=config,
-                                                    device_map=device.type)  # fmt: skip
+            pipe = BitDancePipeline.from_pretrained(folder, dtype=dtype, quantization_config=config).to(device)
             pipe.set_progress_bar_config(disable=True)
             generate(pipe, args, device)  # warm-up
             codes, seconds = generate(pipe, args, device)
