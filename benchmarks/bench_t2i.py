@@ -245,8 +245,10 @@ def main():
              f"{' ' + args.quantize if args.quantize != 'none' else ''}"
              f"{' compiled (' + args.compile + ')' if args.compile != 'none' else ''} on {device.type}")  # fmt: skip
     generate(pipe, args, steps=2)  # warm-up: kernels, cuBLAS handles, CUDA graph capture
+    resident = None  # GPU memory held before a run: weights, CUDA-graph buffers
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device) / 2**30
     total = min(timed_generate(pipe, args, device) for _ in range(args.repeats))
     peak = peak_memory_gb(device)
 
@@ -277,6 +279,9 @@ def main():
                 f"steps, {ceilings}", ["part", "seconds", "floor s", "ratio"], rows)  # fmt: skip
     print(f"time per image {total / args.batch:.3f} s, {args.batch / total:.3f} images/s, peak memory {peak:.2f} GiB, "
           f"image {tuple(images.shape)}")  # fmt: skip
+    if resident is not None:
+        print(f"GPU memory: {resident:.2f} GiB resident before the run (weights, graph buffers) + "
+              f"{peak - resident:.2f} GiB at the run's peak")  # fmt: skip
 
     if args.save_images:
         torch.save(images.cpu(), args.save_images)
@@ -289,7 +294,7 @@ def main():
 
     block_times = [b - a for a, b in zip(recorder.block_ends, recorder.block_ends[1:])]
     results = [{"run": label, "total_s": total, "floor_s": floor, "ratio": total / floor, "parts_s": parts,
-                "floors_s": floors, "peak_memory_gib": peak, "images_per_s": args.batch / total, "psnr_db": psnr,
+                "floors_s": floors, "peak_memory_gib": peak, "resident_memory_gib": resident, "images_per_s": args.batch / total, "psnr_db": psnr,
                 "first_block_s": block_times[0] if block_times else None,
                 "last_block_s": block_times[-1] if block_times else None}]  # fmt: skip
     if block_times:
