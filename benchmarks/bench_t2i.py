@@ -294,7 +294,8 @@ def main():
 
     block_times = [b - a for a, b in zip(recorder.block_ends, recorder.block_ends[1:])]
     results = [{"run": label, "total_s": total, "floor_s": floor, "ratio": total / floor, "parts_s": parts,
-                "floors_s": floors, "peak_memory_gib": peak, "resident_memory_gib": resident, "images_per_s": args.batch / total, "psnr_db": psnr,
+                "floors_s": floors, "peak_memory_gib": peak, "resident_memory_gib": resident,
+                "images_per_s": args.batch / total, "psnr_db": psnr,
                 "first_block_s": block_times[0] if block_times else None,
                 "last_block_s": block_times[-1] if block_times else None}]  # fmt: skip
     if block_times:
