@@ -11,6 +11,7 @@ batch sizes. The decoder has the shapes of ae_d16c32 for B / L / H (the tiny one
 
 import argparse
 import time
+from contextlib import ExitStack
 
 import torch
 from bench_utils import (
@@ -22,6 +23,7 @@ from bench_utils import (
     peak_memory_gb,
     print_table,
     synchronize,
+    wrapped_head_calls,
 )
 
 from bitdance_diffusers import BitDanceTokenizer
@@ -52,15 +54,14 @@ class ComponentTimer:
     def __enter__(self):
         pipe = self.pipe
         pipe.transformer.forward = self._timed(pipe.transformer.forward, "backbone")
-        # The head is timed where `sample_blocks` calls it: a CUDA-graph replay never calls the module's forward.
-        self._head_runner = pipe._head_cuda_graphs
-        pipe._head_cuda_graphs = self._timed(self._head_runner or pipe.diffusion_head, "head")
         pipe.vae.decode = self._timed(pipe.vae.decode, "decode")
+        self._head_calls = ExitStack()
+        self._head_calls.enter_context(wrapped_head_calls(pipe, lambda head: self._timed(head, "head")))
         return self
 
     def __exit__(self, *exc):
+        self._head_calls.close()
         del self.pipe.transformer.forward, self.pipe.vae.decode
-        self.pipe._head_cuda_graphs = self._head_runner
 
 
 def generate(pipe, args, batch: int):

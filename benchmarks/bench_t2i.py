@@ -34,6 +34,7 @@ from bench_utils import (
     peak_memory_gb,
     print_table,
     synchronize,
+    wrapped_head_calls,
 )
 
 from bitdance_diffusers.pipelines.pipeline_bitdance import _cache_argument_name
@@ -89,16 +90,12 @@ class Recorder:
         graphed_step = pipe._graphed_language_model_step
         pipe._language_model_step = self._timed(pipe._language_model_step, self._llm_bucket)
         pipe._graphed_language_model_step = lambda cache: self._timed(graphed_step(cache), self._llm_bucket)
-        # The head is timed where `sample_blocks` calls it (its CUDA-graph runner, else the module), outside any
-        # compiled code: a wrapper of the module's forward would be traced by torch.compile.
-        runner = pipe._head_cuda_graphs
-        pipe._head_cuda_graphs = self._timed(runner or pipe.diffusion_head, self._head_bucket)
         pipe.vae.decode = self._timed(pipe.vae.decode, "decode")
         try:
-            yield self
+            with wrapped_head_calls(pipe, lambda head: self._timed(head, self._head_bucket)):
+                yield self
         finally:
             del pipe._language_model_step, pipe._graphed_language_model_step, pipe.vae.decode
-            pipe._head_cuda_graphs = runner
 
     def block_callback(self, pipe, block, timestep, callback_kwargs):
         synchronize(self.device)

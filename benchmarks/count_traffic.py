@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import torch
 from bench_utils import print_table
-from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate
+from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate, watch_calls
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -89,20 +89,11 @@ def main():
         pipe._static_kv_cache = True  # the KV cache of the CUDA-graph path, without capturing graphs
         counter = TrafficCounter(existing)
 
-        def enter(phase):
-            def hook(*_):
-                if phase == "head call" or counter.calls["head call"]:  # the LM call before any head call: prefill
-                    counter.phase = phase
-                    counter.calls[phase] += 1
+        def enter(part):
+            counter.phase = part
+            counter.calls[part] += 1
 
-            return hook
-
-        def leave(*_):
-            counter.phase = None
-
-        for module, phase in ((pipe.language_model, "language-model block step"), (pipe.diffusion_head, "head call")):
-            module.register_forward_pre_hook(enter(phase))
-            module.register_forward_hook(leave)
+        watch_calls(pipe, enter, leave=lambda part: setattr(counter, "phase", None))
         with counter:
             generate(pipe, args, num_inference_steps=1, output_type="latent")
 

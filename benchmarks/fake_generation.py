@@ -1,7 +1,8 @@
 """A text-to-image generation on fake tensors (shapes and dtypes only: no memory, no compute, no GPU) at any config.
 
-The set-up `estimate_memory.py` and `count_traffic.py` share: their options, the random pipeline built under the
-caller's `FakeTensorMode`, and the generation they watch with their dispatch modes. Values are never read under fake
+The set-up `estimate_memory.py`, `count_traffic.py` and `profile_gemms.py` share: their options, the random pipeline
+built under the caller's `FakeTensorMode`, the generation they watch, and the hooks that tell its head calls and
+block steps apart. Values are never read under fake
 tensors, so building the pipeline here also bypasses the two value lookups of a generation (the scheduler's step
 lookup and the decoder's ±1 check) for the rest of the process.
 """
@@ -43,3 +44,28 @@ def generate(pipe, args, num_inference_steps: int, output_type: str):
     """One generation of ``args.batch`` images of the prompt at the size and guidance of ``args``."""
     return pipe([PROMPT] * args.batch, height=args.height, width=args.width, num_inference_steps=num_inference_steps,
                 guidance_scale=args.guidance, output_type=output_type)  # fmt: skip
+
+
+def watch_calls(pipe, enter, leave):
+    """Calls ``enter(part)`` before and ``leave(part)`` after every head call (``part`` ``"head call"``) and every
+    language-model block step (``"language-model block step"``) of ``pipe``. The language model's call before the
+    first head call, the prompt's prefill, is not watched."""
+    head_called = False
+
+    def hooks(part):
+        def before(*_):
+            nonlocal head_called
+            head_called = head_called or part == "head call"
+            if head_called:
+                enter(part)
+
+        def after(*_):
+            if head_called:
+                leave(part)
+
+        return before, after
+
+    for module, part in ((pipe.language_model, "language-model block step"), (pipe.diffusion_head, "head call")):
+        before, after = hooks(part)
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)

@@ -13,16 +13,16 @@
 # Usage: benchmarks/gpu_memory_modes.sh [loaders] [24gb] [24gb-compiled] [offload]   (none: loaders 24gb offload)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
-source benchmarks/device_setup.sh
 PARTS=${*:-loaders 24gb offload}
+source benchmarks/device_setup.sh
 
-if [[ " $PARTS " == *" loaders "* ]]; then
+if wants loaders; then
     python3 benchmarks/bench_quantization.py --config small --device cuda --dtype bf16 \
         --schemes int8wo,fp8wo,fp8,nf4,int8 --json $OUT/results.jsonl 2>&1 | quiet | tail -12
-    echo "[loaders done at ${SECONDS} s]"
+    finished loaders
 fi
 
-if [[ " $PARTS " == *" 24gb "* ]]; then
+if wants 24gb; then
     BIG="python3 benchmarks/bench_t2i.py --device cuda --json $OUT/results.jsonl --config 14b-64x --dtype bf16 \
         --height 1024 --width 1024 --steps 50 --guidance 7.5"
     $BIG --cuda_graphs --save_images $OUT/bf16.pt 2>&1 | quiet | tail -12
@@ -31,17 +31,17 @@ if [[ " $PARTS " == *" 24gb "* ]]; then
             $BIG --quantize $scheme --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -13
     done
     rm -f $OUT/bf16.pt
-    echo "[24gb done at ${SECONDS} s]"
+    finished 24gb
 fi
 
-if [[ " $PARTS " == *" 24gb-compiled "* ]]; then
+if wants 24gb-compiled; then
     python3 benchmarks/bench_t2i.py --device cuda --json $OUT/results.jsonl --config 14b-64x --dtype bf16 --height 1024 \
         --width 1024 --steps 50 --guidance 7.5 --quantize int8wo --compile max-autotune-no-cudagraphs --cuda_graphs 2>&1 | quiet | tail -12
-    echo "[24gb-compiled done at ${SECONDS} s]"
+    finished 24gb-compiled
 fi
 
-if [[ " $PARTS " == *" offload "* ]]; then
+if wants offload; then
     python3 benchmarks/gpu_offload_check.py --config 14b --height 256 --width 256 --steps 10 \
         --modes model_cpu_offload,group_offload_language_model 2>&1 | quiet | tail -6
-    echo "[offload done at ${SECONDS} s]"
+    finished offload
 fi

@@ -26,65 +26,65 @@
 #            [kernels] [gemms] [gemms-autotune] [imagenet]   (none: check bf16 scaling fp8)
 # Rows go to $OUT/results.jsonl. Needs the wheels of benchmarks/fetch_device_wheels.sh in .whl/ (carry .whl).
 set -uo pipefail
+PARTS=${*:-check bf16 scaling fp8}
 source benchmarks/device_setup.sh
-PARTS=" ${*:-check bf16 scaling fp8} "
 BENCH="python3 benchmarks/bench_t2i.py --device cuda --json $OUT/results.jsonl"
 TINY="--config tiny --height 256 --width 256 --steps 4"
 BIG="--config 14b-64x --dtype bf16 --height 1024 --width 1024 --steps 50 --guidance 7.5"
 GRAPHS="--cuda_graphs"
 
-if [[ $PARTS == *" check "* ]]; then
+if wants check; then
     $BENCH $TINY --save_images $OUT/tiny_eager.pt 2>&1 | quiet | tail -3
     $BENCH $TINY --cuda_graphs --compare_to $OUT/tiny_eager.pt --min_psnr 60 2>&1 | quiet | tail -12 ||
         GRAPHS="--cuda_graphs --head_graphs_only"
-    echo "[check done at ${SECONDS} s]"
+    finished check
 fi
-if [[ $PARTS == *" bf16 "* || $PARTS == *" scaling "* || $PARTS == *" fp8"* ]]; then
+if wants bf16 || wants scaling || wants fp8 || wants fp8-compile || wants fp8wo-autotune; then  # the fp8 reference
     SCALING=""
-    [[ $PARTS == *" scaling "* ]] && SCALING="--scaling --batches 1,4,8"
+    wants scaling && SCALING="--scaling --batches 1,4,8"
     $BENCH $BIG $GRAPHS $SCALING --save_images $OUT/bf16.pt 2>&1 | quiet | tail -40
-    echo "[bf16 done at ${SECONDS} s]"
+    finished bf16
 fi
-if [[ $PARTS == *" fp8 "* ]]; then
+if wants fp8; then
     $BENCH $BIG $GRAPHS --quantize fp8 --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -16
-    echo "[fp8 done at ${SECONDS} s]"
+    finished fp8
 fi
-if [[ $PARTS == *" fp8-compile "* ]]; then
+if wants fp8-compile; then
     $BENCH $BIG $GRAPHS --quantize fp8 --compile default --compare_to $OUT/bf16.pt 2>&1 | quiet | tail -16
-    echo "[fp8-compile done at ${SECONDS} s]"
+    finished fp8-compile
 fi
-if [[ $PARTS == *" fp8wo-autotune "* ]]; then
+if wants fp8wo-autotune; then
     $BENCH $BIG $GRAPHS --quantize fp8wo --compile max-autotune-no-cudagraphs --compare_to $OUT/bf16.pt 2>&1 | quiet |
         tail -16
-    echo "[fp8wo-autotune done at ${SECONDS} s]"
+    finished fp8wo-autotune
 fi
-if [[ $PARTS == *" compile "* ]]; then
+if wants compile; then
     $BENCH $BIG $GRAPHS --compile default 2>&1 | quiet | tail -12
-    echo "[compile done at ${SECONDS} s]"
+    finished compile
 fi
-if [[ $PARTS == *" autotune "* ]]; then
+if wants autotune; then
     $BENCH $BIG $GRAPHS --compile max-autotune-no-cudagraphs 2>&1 | quiet | tail -12
-    echo "[autotune done at ${SECONDS} s]"
+    finished autotune
 fi
-if [[ $PARTS == *" kernels "* ]]; then
+if wants kernels; then
     python3 benchmarks/profile_kernels.py --device cuda --config 14b-64x --dtype bf16 --height 1024 --width 1024 \
         --steps 50 --guidance 7.5 --blocks 2 2>&1 | quiet | tail -24
-    echo "[kernels done at ${SECONDS} s]"
+    finished kernels
 fi
-if [[ $PARTS == *" gemms "* ]]; then
+if wants gemms; then
     python3 benchmarks/profile_gemms.py --device cuda --config 14b-64x --json $OUT/results.jsonl 2>&1 | quiet | tail -20
-    echo "[gemms done at ${SECONDS} s]"
+    finished gemms
 fi
-if [[ $PARTS == *" gemms-autotune "* ]]; then
+if wants gemms-autotune; then
     python3 benchmarks/profile_gemms.py --device cuda --config 14b-64x --autotune --only head \
         --json $OUT/results.jsonl 2>&1 | quiet | tail -16
-    echo "[gemms-autotune done at ${SECONDS} s]"
+    finished gemms-autotune
 fi
-if [[ $PARTS == *" imagenet "* ]]; then
+if wants imagenet; then
     for block_size in 1 4 16; do
         python3 benchmarks/bench_imagenet.py --device cuda --dtype bf16 --cuda_graphs --size B --block_size $block_size \
             --batch 64 --batches 64,256 --json $OUT/results.jsonl 2>&1 | quiet | tail -14
     done
-    echo "[imagenet done at ${SECONDS} s]"
+    finished imagenet
 fi
 rm -f $OUT/bf16.pt $OUT/tiny_eager.pt

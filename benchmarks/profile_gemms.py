@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from bench_utils import DTYPES, append_rows, measure_gpu_ceilings, print_table
-from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate
+from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate, watch_calls
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 
@@ -53,35 +53,30 @@ def record_linear_shapes(args) -> dict[str, Counter]:
     the first language-model block step of a generation with the options of ``args``."""
     shapes = {"head call": Counter(), "language-model block step": Counter()}
     calls = Counter()
-    recording = [None]
+    recording = None
 
     def enter(part):
-        def hook(*_):
-            calls[part] += 1
-            # The first language-model call is the prompt's prefill; the second is the first block step.
-            first = calls[part] == (2 if part == "language-model block step" else 1)
-            recording[0] = part if first else None
+        nonlocal recording
+        calls[part] += 1
+        recording = part if calls[part] == 1 else None
 
-        return hook
-
-    def leave(*_):
-        if calls["language-model block step"] == 2:
+    def leave(part):
+        nonlocal recording
+        if part == "language-model block step":
             raise _ShapesRecorded
-        recording[0] = None
+        recording = None
 
     def record(module, inputs, _output):
-        if recording[0] is not None:
+        if recording is not None:
             rows = inputs[0].numel() // module.in_features
-            shapes[recording[0]][(rows, module.in_features, module.out_features, module.bias is not None)] += 1
+            shapes[recording][(rows, module.in_features, module.out_features, module.bias is not None)] += 1
 
     with FakeTensorMode():
         pipe, _ = build_fake_pipeline(args)
-        for module, part in ((pipe.language_model, "language-model block step"), (pipe.diffusion_head, "head call")):
-            module.register_forward_pre_hook(enter(part))
-            module.register_forward_hook(leave)
-            for linear in module.modules():
-                if isinstance(linear, torch.nn.Linear):
-                    linear.register_forward_hook(record)
+        watch_calls(pipe, enter, leave)
+        for linear in (*pipe.language_model.modules(), *pipe.diffusion_head.modules()):
+            if isinstance(linear, torch.nn.Linear):
+                linear.register_forward_hook(record)
         try:
             generate(pipe, args, num_inference_steps=1, output_type="latent")
         except _ShapesRecorded:

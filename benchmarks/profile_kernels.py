@@ -19,7 +19,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
-from bench_utils import DTYPES, T2I_CONFIGS, add_t2i_run_arguments, print_table, synchronize
+from bench_utils import DTYPES, T2I_CONFIGS, add_t2i_run_arguments, print_table, synchronize, wrapped_head_calls
 
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 
@@ -49,8 +49,7 @@ def work_items(event, on_cuda: bool):
 
 @contextmanager
 def profiled_ranges(pipe):
-    """Puts every head call and language-model step in a profiler range named after ``PARTS``, around the calls the
-    pipeline makes (the head where `sample_blocks` calls it), outside any compiled code."""
+    """Puts every head call and language-model step of ``pipe`` in a profiler range named after ``PARTS``."""
 
     def ranged(function, name):
         def wrapper(*args, **kwargs):
@@ -59,12 +58,11 @@ def profiled_ranges(pipe):
 
         return wrapper
 
-    pipe._head_cuda_graphs = ranged(pipe.diffusion_head, PARTS[0])
     pipe._language_model_step = ranged(pipe._language_model_step, PARTS[1])
     try:
-        yield
+        with wrapped_head_calls(pipe, lambda head: ranged(head, PARTS[0])):
+            yield
     finally:
-        pipe._head_cuda_graphs = None
         del pipe._language_model_step
 
 
