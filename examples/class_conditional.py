@@ -41,7 +41,7 @@ images = pipe(
     args.class_labels,
     num_inference_steps=args.steps,
     guidance_scale=args.guidance,
-    generator=torch.Generator().manual_seed(args.seed),
+    generator=torch.Generator(device).manual_seed(args.seed),  # the original draws on the GPU too
 ).images
 outputs = [args.output] if len(images) == 1 else [args.output.replace(".png", f"_{i}.png") for i in range(len(images))]
 for image, path in zip(images, outputs):

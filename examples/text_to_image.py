@@ -40,7 +40,7 @@ image = pipe(
     width=args.width,
     num_inference_steps=args.steps,
     guidance_scale=args.guidance,
-    generator=torch.Generator().manual_seed(args.seed),
+    generator=torch.Generator(device).manual_seed(args.seed),  # the original draws on the GPU too
 ).images[0]
 image.save(args.output)
 print(f"saved {args.output}")

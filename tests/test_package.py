@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO
@@ -47,6 +49,19 @@ def test_command_line_falls_back_to_a_tiny_random_model(tmp_path, monkeypatch, c
     cli.main(["generate", "--prompt", "a red fox", "--steps", "2", "--output", str(output)])
     assert "tiny randomly initialised" in capsys.readouterr().err
     assert Image.open(output).size == (256, 256)
+
+
+def test_command_line_gpu_switches_name_their_requirement():
+    from bitdance_diffusers.cli import build_parser, load_pipeline
+
+    args = build_parser().parse_args(["generate", "--prompt", "a fox", "--offload", "model", "--cuda_graphs"])
+    assert (args.offload, args.cuda_graphs) == ("model", True)
+    with pytest.raises(ValueError, match="--offload model moves weights .* drop --offload"):
+        load_pipeline(None, torch.float32, "cpu", offload="model")
+    with pytest.raises(ValueError, match="--cuda_graphs needs a CUDA GPU"):
+        load_pipeline(None, torch.float32, "cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="use --offload model with --cuda_graphs"):
+        load_pipeline(None, torch.float32, "cuda", offload="sequential", cuda_graphs=True)
 
 
 def test_command_line_help():

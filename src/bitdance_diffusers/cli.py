@@ -1,6 +1,7 @@
 """The ``bitdance`` command: generate images and convert original checkpoints.
 
-    bitdance generate --prompt "a red fox in the snow" --output fox.png [--model FOLDER]
+    bitdance generate --prompt "a red fox in the snow" --output fox.png [--model FOLDER] [--cuda_graphs]
+        [--offload {model,sequential}] [--quantize SCHEME]
     bitdance convert t2i --checkpoint_path BitDance-14B-64x --dump_path BitDance-14B-64x-diffusers
     bitdance convert imagenet --checkpoint_path BitDance_B_4x.pt --dump_path BitDance-B-4x-diffusers \
         --vae_checkpoint_path ae_d16c32.pt
@@ -18,17 +19,38 @@ from .quantization import CUDA_ONLY_SCHEMES, QUANTIZATION_SCHEMES, pipeline_quan
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_pipeline(model: str | None, dtype: torch.dtype, device: str, quantize: str | None = None):
+def load_pipeline(
+    model: str | None,
+    dtype: torch.dtype,
+    device: str,
+    quantize: str | None = None,
+    offload: str | None = None,
+    cuda_graphs: bool = False,
+):
     """The pipeline at ``model`` (folder or Hub id), its heavy components quantized with the ``quantize`` scheme if
-    one is given. Without a model: the shapes model shipped with the package when it is there, else a tiny randomly
-    initialised pipeline built in memory."""
+    one is given, placed on ``device`` (or offloaded to it with ``offload`` = ``"model"`` or ``"sequential"``), with
+    CUDA graph replay if ``cuda_graphs``. Without a model: the shapes model shipped with the package when it is there,
+    else a tiny randomly initialised pipeline built in memory."""
     from diffusers import DiffusionPipeline
 
     from .training.demo import DEMO_MODEL_PATH
 
-    if quantize in CUDA_ONLY_SCHEMES and not str(device).startswith("cuda"):
+    on_cuda = str(device).startswith("cuda")
+    if quantize in CUDA_ONLY_SCHEMES and not on_cuda:
         raise ValueError(
             f"--quantize {quantize} needs a CUDA GPU (--device {device} given); on a CPU use int8wo or fp8wo."
+        )
+    if offload is not None and not on_cuda:
+        raise ValueError(
+            f"--offload {offload} moves weights between host memory and a CUDA GPU (--device {device} given); on a "
+            "CPU every weight already lives in host memory, so drop --offload."
+        )
+    if cuda_graphs and not on_cuda:
+        raise ValueError(f"--cuda_graphs needs a CUDA GPU (--device {device} given); drop it on a CPU.")
+    if cuda_graphs and offload == "sequential":
+        raise ValueError(
+            "--cuda_graphs cannot replay a language model whose layers are moved to the GPU inside every forward "
+            "(--offload sequential); use --offload model with --cuda_graphs, or drop one of them."
         )
     if model is None and (DEMO_MODEL_PATH / "model_index.json").is_file():
         print(
@@ -47,14 +69,26 @@ def load_pipeline(model: str | None, dtype: torch.dtype, device: str, quantize: 
             "in memory (the picture will be noise-like). Pass --model with a converted checkpoint for real images.",
             file=sys.stderr,
         )
-        return build_random_pipeline("tiny", block_size=16, image_sizes=[[256, 256]], dtype=dtype).to(device)
-    quantization_config = None if quantize is None else pipeline_quantization_config(quantize, compute_dtype=dtype)
-    return DiffusionPipeline.from_pretrained(model, dtype=dtype, quantization_config=quantization_config).to(device)
+        pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[256, 256]], dtype=dtype)
+    else:
+        quantization_config = None if quantize is None else pipeline_quantization_config(quantize, compute_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, quantization_config=quantization_config)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if cuda_graphs:
+        pipe.enable_cuda_graphs()
+    return pipe
 
 
 def generate(args):
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device, args.quantize)
-    generator = torch.Generator().manual_seed(args.seed)
+    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device, args.quantize, args.offload, args.cuda_graphs)
+    # Drawn on the device that samples, as the original draws from the CUDA generator: the same seed then gives the
+    # original's noise on a GPU, and no per-step noise crosses from host to device.
+    generator = torch.Generator(pipe._execution_device).manual_seed(args.seed)
     images = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
@@ -100,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, default=None,
                      help="Quantize the language model and head while loading (int8wo runs on CPU; see README).")
+    gen.add_argument("--offload", choices=["model", "sequential"], default=None,
+                     help="CUDA: keep weights in host memory and move them to the GPU when used (model: per component, "
+                          "the language model leaves only for the decode; sequential: per layer, least GPU memory).")
+    gen.add_argument("--cuda_graphs", action="store_true",
+                     help="CUDA: replay the diffusion head and the language model's block step from CUDA graphs.")
     gen.add_argument("--output", default="bitdance.png")
 
     conv = commands.add_parser(
