@@ -12,7 +12,10 @@ quantizes the language model and the head in place first (`quantize_model_`: any
 * ``binary-flow``: the default `BinaryFlowScheduler`, the original's Euler–Maruyama SDE (``steps + 1`` head calls);
 * ``binary-flow-ode``: the same grid integrated as an ODE (``solver="euler"``, no noise);
 * ``flow-euler`` / ``flow-heun``: diffusers' `FlowMatchEulerDiscreteScheduler` / `FlowMatchHeunDiscreteScheduler`
-  (Heun: two head calls per step but the last).
+  (Heun: two head calls per step but the last);
+* ``flow-unipc`` / ``flow-dpmsolver``: diffusers' multistep solvers `UniPCMultistepScheduler` /
+  `DPMSolverMultistepScheduler` in their flow mode (``use_flow_sigmas=True``, ``prediction_type="flow_prediction"``;
+  one head call per step).
 """
 
 import argparse
@@ -20,7 +23,12 @@ import time
 
 import torch
 from bench_utils import append_rows
-from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from bitdance_diffusers import BinaryFlowScheduler, BitDancePipeline, quantize_model_
 from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES
@@ -29,11 +37,14 @@ from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, HELD_OUT_SEED, sco
 from bitdance_diffusers.training.shapes_detector import detect_shape
 
 
+FLOW_OPTIONS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 SCHEDULERS = {
     "binary-flow": lambda config: BinaryFlowScheduler.from_config(config),
     "binary-flow-ode": lambda config: BinaryFlowScheduler.from_config(config, solver="euler"),
     "flow-euler": lambda config: FlowMatchEulerDiscreteScheduler.from_config(config),
     "flow-heun": lambda config: FlowMatchHeunDiscreteScheduler.from_config(config),
+    "flow-unipc": lambda config: UniPCMultistepScheduler.from_config(config, **FLOW_OPTIONS),
+    "flow-dpmsolver": lambda config: DPMSolverMultistepScheduler.from_config(config, **FLOW_OPTIONS),
 }
 
 

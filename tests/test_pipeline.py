@@ -4,7 +4,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers import (
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 import bitdance_diffusers
 from bitdance_diffusers import BinaryFlowScheduler, BitDancePipeline
@@ -47,15 +53,26 @@ def test_guidance_and_negative_prompt_change_the_result(tiny_pipe):
     assert not torch.equal(base, run(tiny_pipe, generator=generator(0), negative_prompt="blurry"))
 
 
-@pytest.mark.parametrize("scheduler_class", [FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler])
-def test_diffusers_flow_schedulers_drop_in(tiny_pipe, scheduler_class):
-    tiny_pipe.scheduler = scheduler_class.from_config(tiny_pipe.scheduler.config)
+FLOW_OPTIONS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}  # the multistep solvers' flow mode
+
+
+@pytest.mark.parametrize(
+    "scheduler_class,options",
+    [
+        (FlowMatchEulerDiscreteScheduler, {}),
+        (FlowMatchHeunDiscreteScheduler, {}),
+        (UniPCMultistepScheduler, FLOW_OPTIONS),  # their step takes no generator
+        (DPMSolverMultistepScheduler, FLOW_OPTIONS),
+    ],
+)
+def test_diffusers_flow_schedulers_drop_in(tiny_pipe, scheduler_class, options):
+    tiny_pipe.scheduler = scheduler_class.from_config(tiny_pipe.scheduler.config, **options)
     calls = []
     head_forward = tiny_pipe.diffusion_head.forward
     tiny_pipe.diffusion_head.forward = lambda *a, **k: calls.append(1) or head_forward(*a, **k)
     codes = run(tiny_pipe, num_inference_steps=4, generator=generator(0))
     assert set(codes.unique().tolist()) == {-1.0, 1.0}
-    evaluations_per_block = 4 if scheduler_class is FlowMatchEulerDiscreteScheduler else 7
+    evaluations_per_block = 7 if scheduler_class is FlowMatchHeunDiscreteScheduler else 4  # Heun: 2 per step but the last
     assert len(calls) == 4 * evaluations_per_block  # 128x128 with P=16: 4 blocks
     image = run(tiny_pipe, num_inference_steps=2, generator=generator(0), output_type="pil")[0]
     assert isinstance(image, PIL.Image.Image) and image.size == (128, 128)

@@ -7,6 +7,7 @@ flow for the ``P`` tokens of the block jointly, with classifier-free guidance on
 the next block (`BlockAutoregressiveMixin.sample_blocks`).
 """
 
+import inspect
 from typing import Callable
 
 import torch
@@ -56,6 +57,8 @@ def sample_block_tokens(
     sample = randn_tensor((rows, block_size, num_channels), generator=generator, device=device, dtype=torch.float32)
     scheduler.set_timesteps(num_inference_steps, device=device)
     num_train_timesteps = scheduler.config.num_train_timesteps
+    # Stochastic schedulers draw their noise from ``generator``; deterministic ones (UniPC, DPM-Solver) take none.
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for timestep in scheduler.timesteps:
         # The head's time t = 1 - sigma; float64 keeps it exact for BinaryFlowScheduler's float32 grid.
         t = (1 - timestep.double() / num_train_timesteps).float()
@@ -65,7 +68,7 @@ def sample_block_tokens(
         if guided:
             velocity_cond, velocity_uncond = velocity.chunk(2)
             velocity = velocity_uncond + guidance_scale * (velocity_cond - velocity_uncond)
-        sample = scheduler.step(-velocity, timestep, sample, generator=generator, return_dict=False)[0]
+        sample = scheduler.step(-velocity, timestep, sample, return_dict=False, **step_kwargs)[0]
     return binarize(sample.float())
 
 
