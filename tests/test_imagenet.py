@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import DynamicCache
@@ -229,6 +229,9 @@ def test_errors_name_the_fix(tiny_imagenet):
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         run(tiny_imagenet, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["condition"])
     unnamed = build_random_imagenet_pipeline(num_classes=10)
+    unnamed.scheduler = DDIMScheduler()
+    with pytest.raises(ValueError, match="DDIMScheduler .* does not integrate a flow"):
+        run(unnamed)
     with pytest.raises(ValueError, match="no label names"):
         unnamed.get_label_ids("tench")
 

@@ -5,6 +5,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import (
+    DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -76,6 +77,17 @@ def test_diffusers_flow_schedulers_drop_in(tiny_pipe, scheduler_class, options):
     assert len(calls) == 4 * evaluations_per_block  # 128x128 with P=16: 4 blocks
     image = run(tiny_pipe, num_inference_steps=2, generator=generator(0), output_type="pil")[0]
     assert isinstance(image, PIL.Image.Image) and image.size == (128, 128)
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [DDIMScheduler(), UniPCMultistepScheduler(), UniPCMultistepScheduler(prediction_type="flow_prediction")],
+    ids=["ddim-epsilon", "unipc-epsilon", "unipc-without-flow-sigmas"],
+)
+def test_schedulers_that_do_not_integrate_a_flow_are_rejected(tiny_pipe, scheduler):
+    tiny_pipe.scheduler = scheduler
+    with pytest.raises(ValueError, match="does not integrate a flow.*use_flow_sigmas=True, prediction_type='flow_prediction'"):
+        run(tiny_pipe, generator=generator(0))
 
 
 def test_num_inference_steps_sets_head_evaluations(tiny_pipe):

@@ -101,6 +101,23 @@ class BlockAutoregressiveMixin:
     def interrupt(self):
         return self._interrupt
 
+    def check_scheduler(self):
+        """Raise if ``self.scheduler`` does not integrate a flow: the head's velocity is ``dx/dsigma`` of the flow
+        ``x = (1 - sigma) * tokens + sigma * noise``, which noise-prediction (``epsilon``, ``v_prediction``) schedulers
+        and multistep solvers outside their flow mode would misread without an error."""
+        config = self.scheduler.config
+        prediction_type = config.get("prediction_type", "flow_prediction")
+        if prediction_type != "flow_prediction" or not config.get("use_flow_sigmas", True):
+            name = type(self.scheduler).__name__
+            raise ValueError(
+                f"{name} (prediction_type={prediction_type!r}, use_flow_sigmas={config.get('use_flow_sigmas')}) does not "
+                "integrate a flow, which is what BitDance's diffusion head predicts. Use BinaryFlowScheduler (the "
+                "original's sampler) or FlowMatchEulerDiscreteScheduler, or, for a multistep solver, "
+                f"{name}.from_config(pipe.scheduler.config, use_flow_sigmas=True, prediction_type='flow_prediction')."
+            )
+        if "num_train_timesteps" not in config:
+            raise ValueError(f"{type(self.scheduler).__name__} has no num_train_timesteps; it is not a flow scheduler.")
+
     def enable_cuda_graphs(self, backbone: bool = True):
         r"""
         Replay the diffusion head, and with ``backbone`` the backbone's block step over a preallocated static KV cache

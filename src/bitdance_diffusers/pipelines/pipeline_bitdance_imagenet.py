@@ -163,6 +163,7 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
             )
         if callback_inputs is not None and not all(k in self._callback_tensor_inputs for k in callback_inputs):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}.")
+        self.check_scheduler()
 
     def guidance_scales(self, guidance_scale: float, num_blocks: int, schedule: str) -> list[float]:
         """CFG scale of every block.
