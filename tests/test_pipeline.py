@@ -79,14 +79,23 @@ def test_diffusers_flow_schedulers_drop_in(tiny_pipe, scheduler_class, options):
     assert isinstance(image, PIL.Image.Image) and image.size == (128, 128)
 
 
+NOT_A_FLOW = "does not integrate a flow.*use_flow_sigmas=True, prediction_type='flow_prediction'"
+
+
 @pytest.mark.parametrize(
-    "scheduler",
-    [DDIMScheduler(), UniPCMultistepScheduler(), UniPCMultistepScheduler(prediction_type="flow_prediction")],
-    ids=["ddim-epsilon", "unipc-epsilon", "unipc-without-flow-sigmas"],
+    "scheduler,message",
+    [
+        (DDIMScheduler(), NOT_A_FLOW),
+        (UniPCMultistepScheduler(), NOT_A_FLOW),
+        (UniPCMultistepScheduler(prediction_type="flow_prediction"), NOT_A_FLOW),
+        (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), "no resolution-dependent shift; set both to False"),
+        (FlowMatchEulerDiscreteScheduler(invert_sigmas=True), "invert_sigmas=True"),
+    ],
+    ids=["ddim-epsilon", "unipc-epsilon", "unipc-without-flow-sigmas", "dynamic-shifting", "inverted-sigmas"],
 )
-def test_schedulers_that_do_not_integrate_a_flow_are_rejected(tiny_pipe, scheduler):
+def test_schedulers_that_cannot_sample_a_block_are_rejected(tiny_pipe, scheduler, message):
     tiny_pipe.scheduler = scheduler
-    with pytest.raises(ValueError, match="does not integrate a flow.*use_flow_sigmas=True, prediction_type='flow_prediction'"):
+    with pytest.raises(ValueError, match=message):
         run(tiny_pipe, generator=generator(0))
 
 

@@ -102,13 +102,17 @@ class BlockAutoregressiveMixin:
         return self._interrupt
 
     def check_scheduler(self):
-        """Raise if ``self.scheduler`` does not integrate a flow: the head's velocity is ``dx/dsigma`` of the flow
-        ``x = (1 - sigma) * tokens + sigma * noise``, which noise-prediction (``epsilon``, ``v_prediction``) schedulers
-        and multistep solvers outside their flow mode would misread without an error."""
+        """Raise if ``self.scheduler`` cannot sample a block, which would otherwise give noise without an error.
+
+        The head's velocity is ``dx/dsigma`` of the flow ``x = (1 - sigma) * tokens + sigma * noise``, integrated from
+        sigma = 1 to 0 on a grid that does not depend on the image: noise-prediction (``epsilon``, ``v_prediction``)
+        schedulers, multistep solvers outside their flow mode, dynamic (resolution-dependent) shifting and inverted
+        sigmas do not fit.
+        """
         config = self.scheduler.config
+        name = type(self.scheduler).__name__
         prediction_type = config.get("prediction_type", "flow_prediction")
         if prediction_type != "flow_prediction" or not config.get("use_flow_sigmas", True):
-            name = type(self.scheduler).__name__
             raise ValueError(
                 f"{name} (prediction_type={prediction_type!r}, use_flow_sigmas={config.get('use_flow_sigmas')}) does not "
                 "integrate a flow, which is what BitDance's diffusion head predicts. Use BinaryFlowScheduler (the "
@@ -116,7 +120,13 @@ class BlockAutoregressiveMixin:
                 f"{name}.from_config(pipe.scheduler.config, use_flow_sigmas=True, prediction_type='flow_prediction')."
             )
         if "num_train_timesteps" not in config:
-            raise ValueError(f"{type(self.scheduler).__name__} has no num_train_timesteps; it is not a flow scheduler.")
+            raise ValueError(f"{name} has no num_train_timesteps; it is not a flow scheduler.")
+        if config.get("use_dynamic_shifting") or config.get("invert_sigmas"):
+            raise ValueError(
+                f"{name} with use_dynamic_shifting={config.get('use_dynamic_shifting')}, "
+                f"invert_sigmas={config.get('invert_sigmas')}: BitDance samples every block from noise to tokens with "
+                "no resolution-dependent shift; set both to False (a fixed `shift` is fine)."
+            )
 
     def enable_cuda_graphs(self, backbone: bool = True):
         r"""
