@@ -64,6 +64,17 @@ def test_command_line_gpu_switches_name_their_requirement():
         load_pipeline(None, torch.float32, "cuda", offload="sequential", cuda_graphs=True)
 
 
+def test_command_line_reports_bad_input_without_a_traceback(capsys):
+    from bitdance_diffusers import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--prompt", "a fox", "--height", "96", "--width", "96", "--output", "unused.png"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "bitdance generate: error: Size 96x96 (height x width) is not supported" in error
+    assert "Traceback" not in error
+
+
 def test_command_line_help():
     generate_help = subprocess.run(["bitdance", "generate", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--prompt" in generate_help and "--model" in generate_help

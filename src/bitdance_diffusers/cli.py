@@ -158,7 +158,10 @@ def main(argv=None):
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     else:
-        generate(args)
+        try:
+            generate(args)
+        except ValueError as error:  # bad input (size, switches, quantization): its message names the fix
+            parser.exit(2, f"bitdance generate: error: {error}\n")
 
 
 if __name__ == "__main__":
