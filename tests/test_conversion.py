@@ -130,6 +130,20 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("converter", ["t2i", "tokenizer", "imagenet"])
+def test_command_line_ends_a_failed_conversion_with_its_message(tmp_path, converter, capsys):
+    from bitdance_diffusers import cli
+
+    missing = str(tmp_path / "no" / "such" / "checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", converter, "--checkpoint_path", missing, "--dump_path", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "error: " in error and missing in error and "does not exist" in error
+    assert "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_overwrite_replaces_atomically(tmp_path):
     out = tmp_path / "out"
     convert_t2i(str(RELEASE), str(out), image_sizes="64x64")

@@ -33,6 +33,16 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def exit_on_conversion_error(parser: argparse.ArgumentParser):
+    """Inside a converter's ``main``: end a failed conversion with its message and exit status 2, not a traceback
+    (the message names the problem and the fix; nothing was written to ``--dump_path``)."""
+    try:
+        yield
+    except ConversionError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
 def require_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if not path.is_file():

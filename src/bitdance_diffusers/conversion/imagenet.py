@@ -31,6 +31,7 @@ from .common import (
     ConversionReport,
     atomic_output_dir,
     base_parser,
+    exit_on_conversion_error,
     load_state_dict_strict,
     logger,
     require_file,
@@ -275,16 +276,17 @@ def main(argv=None):
         "only for trusted files).",
     )
     args = parser.parse_args(argv)
-    convert_imagenet(
-        args.checkpoint_path,
-        args.dump_path,
-        vae_checkpoint_path=args.vae_checkpoint_path,
-        weights=args.weights,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        num_attention_heads=args.num_attention_heads,
-        allow_unsafe_pickle=args.allow_unsafe_pickle,
-    )
+    with exit_on_conversion_error(parser):
+        convert_imagenet(
+            args.checkpoint_path,
+            args.dump_path,
+            vae_checkpoint_path=args.vae_checkpoint_path,
+            weights=args.weights,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            num_attention_heads=args.num_attention_heads,
+            allow_unsafe_pickle=args.allow_unsafe_pickle,
+        )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from .common import (
     ConversionReport,
     atomic_output_dir,
     base_parser,
+    exit_on_conversion_error,
     load_state_dict_strict,
     logger,
     require_file,
@@ -96,8 +97,12 @@ def resolve_source(checkpoint_path: str) -> Path:
     path = Path(checkpoint_path)
     if path.is_dir():
         return path
-    if path.exists() or checkpoint_path.count("/") != 1:
-        raise ConversionError(f"--checkpoint_path {checkpoint_path!r} is neither a folder nor a Hub repo id (owner/name).")
+    if path.exists() or checkpoint_path.count("/") != 1 or checkpoint_path.startswith(("/", ".", "~")):
+        problem = "is a file" if path.exists() else "does not exist"
+        raise ConversionError(
+            f"--checkpoint_path {checkpoint_path!r} {problem}: it is neither a folder nor a Hub repo id (owner/name). "
+            "Pass the folder of the original release or its Hub id."
+        )
     try:
         return Path(snapshot_download(checkpoint_path))
     except Exception as error:
@@ -263,7 +268,8 @@ def main(argv=None):
         help="Supported sizes as HxW,HxW,... (default: the original's 18 sizes from 256x1024 to 2048x512).",
     )
     args = parser.parse_args(argv)
-    convert_t2i(args.checkpoint_path, args.dump_path, args.dtype, args.overwrite, args.image_sizes)
+    with exit_on_conversion_error(parser):
+        convert_t2i(args.checkpoint_path, args.dump_path, args.dtype, args.overwrite, args.image_sizes)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from .common import (
     ConversionReport,
     atomic_output_dir,
     base_parser,
+    exit_on_conversion_error,
     load_state_dict_strict,
     logger,
     require_file,
@@ -115,7 +116,8 @@ def main(argv=None):
     parser = base_parser("Convert an original BitDance binary tokenizer (config json + safetensors).")
     parser.add_argument("--config_path", help="Original config json (default: <stem>_config.json or ae_config.json beside the weights).")
     args = parser.parse_args(argv)
-    convert_tokenizer(args.checkpoint_path, args.dump_path, args.config_path, args.dtype, args.overwrite)
+    with exit_on_conversion_error(parser):
+        convert_tokenizer(args.checkpoint_path, args.dump_path, args.config_path, args.dtype, args.overwrite)
 
 
 if __name__ == "__main__":
