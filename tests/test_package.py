@@ -75,6 +75,26 @@ def test_command_line_reports_bad_input_without_a_traceback(capsys):
     assert "Traceback" not in error
 
 
+def test_command_line_generates_with_class_conditional_models(tmp_path, capsys):
+    from bitdance_diffusers import cli
+    from bitdance_diffusers.random_pipeline import build_random_imagenet_pipeline
+
+    model = tmp_path / "imagenet"
+    build_random_imagenet_pipeline(block_size=4).save_pretrained(model)
+    output = tmp_path / "labels.png"
+    cli.main(["generate", "--model", str(model), "--class_labels", "1", "tench", "--steps", "2", "--output", str(output)])
+    for index in range(2):
+        assert Image.open(tmp_path / f"labels_{index}.png").size == (64, 64)  # the tiny random model's size
+    for argv, message in [
+        (["--model", str(model), "--prompt", "a fox"], "class-conditional ImageNet model: pass --class_labels"),
+        (["--class_labels", "1"], "--class_labels needs --model"),
+        (["--prompt", "a fox", "--class_labels", "1"], "Pass --prompt for a text-to-image model or --class_labels"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli.main(["generate", *argv, "--output", str(output)])
+        assert message in capsys.readouterr().err
+
+
 def test_command_line_help():
     generate_help = subprocess.run(["bitdance", "generate", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--prompt" in generate_help and "--model" in generate_help

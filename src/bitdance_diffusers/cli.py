@@ -2,6 +2,7 @@
 
     bitdance generate --prompt "a red fox in the snow" --output fox.png [--model FOLDER] [--cuda_graphs]
         [--offload {model,sequential}] [--quantize SCHEME]
+    bitdance generate --model BitDance-B-4x-diffusers --class_labels "golden retriever" 980 --output dogs.png
     bitdance convert t2i --checkpoint_path BitDance-14B-64x --dump_path BitDance-14B-64x-diffusers
     bitdance convert imagenet --checkpoint_path BitDance_B_4x.pt --dump_path BitDance-B-4x-diffusers \
         --vae_checkpoint_path ae_d16c32.pt
@@ -84,21 +85,40 @@ def load_pipeline(
     return pipe
 
 
+def class_label(text: str) -> int | str:
+    """An ImageNet class id ("980") or label name ("golden retriever")."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def generate(args):
+    if (args.prompt is None) == (args.class_labels is None):
+        raise ValueError(
+            "Pass --prompt for a text-to-image model or --class_labels for a class-conditional ImageNet model."
+        )
+    if args.class_labels is not None and args.model is None:
+        raise ValueError("--class_labels needs --model with a converted ImageNet checkpoint (see README).")
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device, args.quantize, args.offload, args.cuda_graphs)
+    from .pipelines import BitDanceImageNetPipeline
+
+    class_conditional = isinstance(pipe, BitDanceImageNetPipeline)
+    if class_conditional and args.class_labels is None:
+        raise ValueError(f"{args.model} is a class-conditional ImageNet model: pass --class_labels, not --prompt.")
+    if not class_conditional and args.class_labels is not None:
+        raise ValueError(f"{args.model} is a text-to-image model: pass --prompt, not --class_labels.")
     # Drawn on the device that samples, as the original draws from the CUDA generator: the same seed then gives the
     # original's noise on a GPU, and no per-step noise crosses from host to device.
     generator = torch.Generator(pipe._execution_device).manual_seed(args.seed)
-    images = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        generator=generator,
-    ).images
+    # Options left unset keep the pipeline's own defaults (text-to-image: 50 steps, CFG 7.5; ImageNet: 100 steps).
+    options = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    if class_conditional:
+        inputs = args.class_labels
+        options.update(num_images_per_label=args.num_images)
+    else:
+        inputs = args.prompt
+        options.update(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                       num_images_per_prompt=args.num_images)  # fmt: skip
+    options = {name: value for name, value in options.items() if value is not None}
+    images = pipe(inputs, generator=generator, **options).images
     outputs = [args.output] if len(images) == 1 else [args.output.replace(".png", f"_{i}.png") for i in range(len(images))]
     for image, path in zip(images, outputs):
         image.save(path)
@@ -120,14 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitdance", description="BitDance binary-token image generation.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="Generate images from a text prompt.")
-    gen.add_argument("--prompt", required=True)
+    gen = commands.add_parser("generate", help="Generate images from a text prompt or ImageNet class labels.")
+    gen.add_argument("--prompt", help="What to draw (text-to-image models).")
+    gen.add_argument("--class_labels", nargs="+", type=class_label,
+                     help='ImageNet class ids and/or label names, e.g. 980 "golden retriever" (class-conditional '
+                          "models).")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--model", default=None, help="Converted pipeline folder or Hub id (default: tiny random model).")
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--steps", type=int, default=50, help="Head flow steps per block.")
-    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--steps", type=int, default=None,
+                     help="Head flow steps per block (default: the pipeline's: 50 text-to-image, 100 ImageNet).")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="Classifier-free guidance scale (default: the pipeline's: 7.5 text-to-image, 4.0 ImageNet).")
     gen.add_argument("--num_images", type=int, default=1)
     gen.add_argument("--seed", type=int, default=42)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32" if not torch.cuda.is_available() else "bf16")
