@@ -164,3 +164,13 @@ def test_command_line_quantizes_while_loading(tmp_path):
         build_parser().parse_args(["generate", "--prompt", "a red circle", "--quantize", "int4"])
     with pytest.raises(ValueError, match="--quantize nf4 needs a CUDA GPU .*use int8wo or fp8wo"):
         load_pipeline(None, torch.float32, "cpu", "nf4")
+
+
+def test_command_line_quantizes_the_imagenet_backbone(tmp_path):
+    from bitdance_diffusers.cli import load_pipeline
+
+    build_random_imagenet_pipeline(block_size=4).save_pretrained(tmp_path)
+    pipe = load_pipeline(str(tmp_path), torch.float32, "cpu", "int8wo")
+    for model in (pipe.transformer, pipe.diffusion_head):
+        weights = linear_weights(model)
+        assert weights and all(isinstance(weight, Int8Tensor) for weight in weights)

@@ -72,7 +72,14 @@ def load_pipeline(
         )
         pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[256, 256]], dtype=dtype)
     else:
-        quantization_config = None if quantize is None else pipeline_quantization_config(quantize, compute_dtype=dtype)
+        quantization_config = None
+        if quantize is not None:
+            # The heavy components: the backbone (language model, or the ImageNet transformer) and the head.
+            class_name = DiffusionPipeline.load_config(model)["_class_name"]
+            backbone = "transformer" if class_name == "BitDanceImageNetPipeline" else "language_model"
+            quantization_config = pipeline_quantization_config(
+                quantize, components=(backbone, "diffusion_head"), compute_dtype=dtype
+            )
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, quantization_config=quantization_config)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
