@@ -7,15 +7,9 @@ Over held-out prompts (scenes of a seed never used in training): the fraction of
 position (3x3 grid), background colour and shape (the outline that best overlaps the object) match the prompt; and
 the tokenizer's reconstruction PSNR on held-out images, and the shape read on its reconstructions. ``--quantize``
 quantizes the language model and the head in place first (`quantize_model_`: any scheme that runs on the CPU).
-``--scheduler`` swaps the head's sampler (fewer-step samplers against the default, on the same prompts and seeds):
-
-* ``binary-flow``: the default `BinaryFlowScheduler`, the original's Euler–Maruyama SDE (``steps + 1`` head calls);
-* ``binary-flow-ode``: the same grid integrated as an ODE (``solver="euler"``, no noise);
-* ``flow-euler`` / ``flow-heun``: diffusers' `FlowMatchEulerDiscreteScheduler` / `FlowMatchHeunDiscreteScheduler`
-  (Heun: two head calls per step but the last);
-* ``flow-unipc`` / ``flow-dpmsolver``: diffusers' multistep solvers `UniPCMultistepScheduler` /
-  `DPMSolverMultistepScheduler` in their flow mode (``use_flow_sigmas=True``, ``prediction_type="flow_prediction"``;
-  one head call per step).
+``--scheduler`` swaps the head's sampler for one of `bitdance_diffusers.schedulers.SAMPLERS` (the original's SDE
+``binary-flow``, its ODE ``binary-flow-ode``, diffusers' ``flow-euler``, ``flow-heun``, ``flow-unipc``,
+``flow-dpmsolver``): fewer-step samplers against the default, on the same prompts and seeds.
 """
 
 import argparse
@@ -23,29 +17,13 @@ import time
 
 import torch
 from bench_utils import append_rows
-from diffusers import (
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 
-from bitdance_diffusers import BinaryFlowScheduler, BitDancePipeline, quantize_model_
+from bitdance_diffusers import BitDancePipeline, quantize_model_
 from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES
+from bitdance_diffusers.schedulers import SAMPLERS, scheduler_for_sampler
 from bitdance_diffusers.training import ShapesDataset, psnr
 from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, HELD_OUT_SEED, score_held_out_prompts
 from bitdance_diffusers.training.shapes_detector import detect_shape
-
-
-FLOW_OPTIONS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
-SCHEDULERS = {
-    "binary-flow": lambda config: BinaryFlowScheduler.from_config(config),
-    "binary-flow-ode": lambda config: BinaryFlowScheduler.from_config(config, solver="euler"),
-    "flow-euler": lambda config: FlowMatchEulerDiscreteScheduler.from_config(config),
-    "flow-heun": lambda config: FlowMatchHeunDiscreteScheduler.from_config(config),
-    "flow-unipc": lambda config: UniPCMultistepScheduler.from_config(config, **FLOW_OPTIONS),
-    "flow-dpmsolver": lambda config: DPMSolverMultistepScheduler.from_config(config, **FLOW_OPTIONS),
-}
 
 
 def main():
@@ -55,13 +33,13 @@ def main():
     parser.add_argument("--batch_size", type=int, default=10)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="binary-flow")
+    parser.add_argument("--scheduler", choices=list(SAMPLERS), default="binary-flow")
     parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     pipe = BitDancePipeline.from_pretrained(args.model, dtype=torch.float32)
-    pipe.scheduler = SCHEDULERS[args.scheduler](pipe.scheduler.config)
+    pipe.scheduler = scheduler_for_sampler(args.scheduler, pipe.scheduler.config)
     if args.quantize:
         quantize_model_(pipe.language_model, args.quantize)
         quantize_model_(pipe.diffusion_head, args.quantize)

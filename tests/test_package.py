@@ -51,6 +51,26 @@ def test_command_line_falls_back_to_a_tiny_random_model(tmp_path, monkeypatch, c
     assert Image.open(output).size == (256, 256)
 
 
+def test_command_line_swaps_the_sampler(tmp_path, monkeypatch):
+    from bitdance_diffusers import BitDancePipeline, cli
+
+    head_calls = []
+    pipeline_call = BitDancePipeline.__call__
+
+    def counting_call(pipe, *args, **kwargs):
+        assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+        head_forward = pipe.diffusion_head.forward
+        pipe.diffusion_head.forward = lambda *a, **k: head_calls.append(1) or head_forward(*a, **k)
+        return pipeline_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(BitDancePipeline, "__call__", counting_call)
+    output = tmp_path / "circle.png"
+    cli.main(["generate", "--prompt", "a large red circle in the center on a blue background", "--sampler",
+              "flow-unipc", "--steps", "2", "--output", str(output)])  # fmt: skip
+    assert Image.open(output).size == (128, 128)
+    assert len(head_calls) == 2 * 4  # 2 steps per block, 4 blocks of the 128x128 shapes model (P = 16, no final step)
+
+
 def test_command_line_gpu_switches_name_their_requirement():
     from bitdance_diffusers.cli import build_parser, load_pipeline
 

@@ -16,6 +16,7 @@ from diffusers import (
 import bitdance_diffusers
 from bitdance_diffusers import BinaryFlowScheduler, BitDancePipeline
 from bitdance_diffusers.random_pipeline import build_byte_tokenizer
+from bitdance_diffusers.schedulers import FLOW_OPTIONS
 from conftest import generator
 
 
@@ -52,9 +53,6 @@ def test_guidance_and_negative_prompt_change_the_result(tiny_pipe):
     base = run(tiny_pipe, generator=generator(0))
     assert not torch.equal(base, run(tiny_pipe, generator=generator(0), guidance_scale=1.0))
     assert not torch.equal(base, run(tiny_pipe, generator=generator(0), negative_prompt="blurry"))
-
-
-FLOW_OPTIONS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}  # the multistep solvers' flow mode
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The ``bitdance`` command: generate images and convert original checkpoints.
 
     bitdance generate --prompt "a red fox in the snow" --output fox.png [--model FOLDER] [--cuda_graphs]
-        [--offload {model,sequential}] [--quantize SCHEME]
+        [--offload {model,sequential}] [--quantize SCHEME] [--sampler flow-unipc --steps 10]
     bitdance generate --model BitDance-B-4x-diffusers --class_labels "golden retriever" 980 --output dogs.png
     bitdance convert t2i --checkpoint_path BitDance-14B-64x --dump_path BitDance-14B-64x-diffusers
     bitdance convert imagenet --checkpoint_path BitDance_B_4x.pt --dump_path BitDance-B-4x-diffusers \
@@ -15,6 +15,7 @@ import sys
 import torch
 
 from .quantization import CUDA_ONLY_SCHEMES, QUANTIZATION_SCHEMES, pipeline_quantization_config
+from .schedulers import SAMPLERS, scheduler_for_sampler
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -112,6 +113,8 @@ def generate(args):
         raise ValueError(f"{args.model} is a class-conditional ImageNet model: pass --class_labels, not --prompt.")
     if not class_conditional and args.class_labels is not None:
         raise ValueError(f"{args.model} is a text-to-image model: pass --prompt, not --class_labels.")
+    if args.sampler is not None:
+        pipe.scheduler = scheduler_for_sampler(args.sampler, pipe.scheduler.config)
     # Drawn on the device that samples, as the original draws from the CUDA generator: the same seed then gives the
     # original's noise on a GPU, and no per-step noise crosses from host to device.
     generator = torch.Generator(pipe._execution_device).manual_seed(args.seed)
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--steps", type=int, default=None,
                      help="Head flow steps per block (default: the pipeline's: 50 text-to-image, 100 ImageNet).")
+    gen.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                     help="Head sampler (default: the model's, the original's binary-flow SDE). flow-unipc and "
+                          "flow-dpmsolver need fewer --steps; see README.")
     gen.add_argument("--guidance", type=float, default=None,
                      help="Classifier-free guidance scale (default: the pipeline's: 7.5 text-to-image, 4.0 ImageNet).")
     gen.add_argument("--num_images", type=int, default=1)
