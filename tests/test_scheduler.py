@@ -7,6 +7,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from bitdance_diffusers import BinaryFlowScheduler
 from bitdance_diffusers.pipelines.block_sampling import x_prediction_to_velocity
+from bitdance_diffusers.schedulers import SAMPLERS, scheduler_for_sampler
 
 
 WEIGHT = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 3
@@ -121,3 +122,15 @@ def test_rejects_bad_configuration():
         BinaryFlowScheduler(t_max=1.0)
     with pytest.raises(ValueError, match="set_timesteps"):
         BinaryFlowScheduler().step(torch.zeros(1), 0, torch.zeros(1))
+
+
+def test_samplers_by_name_keep_the_pipeline_configuration():
+    config = BinaryFlowScheduler(shift=2.0).config
+    for name in SAMPLERS:
+        scheduler = scheduler_for_sampler(name, config)
+        assert scheduler.config.num_train_timesteps == config.num_train_timesteps
+    assert scheduler_for_sampler("flow-euler", config).config.shift == 2.0
+    assert scheduler_for_sampler("binary-flow-ode", config).config.solver == "euler"
+    assert scheduler_for_sampler("flow-unipc", config).config.use_flow_sigmas
+    with pytest.raises(ValueError, match="Unknown sampler 'ddim'; choose one of binary-flow, "):
+        scheduler_for_sampler("ddim", config)
