@@ -155,29 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--class_labels", nargs="+", type=class_label,
                      help='ImageNet class ids and/or label names, e.g. 980 "golden retriever" (class-conditional '
                           "models).")
-    gen.add_argument("--negative_prompt", default=None)
-    gen.add_argument("--model", default=None, help="Converted pipeline folder or Hub id (default: tiny random model).")
-    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--negative_prompt", default=None, help="Text of the unguided branch (default: the original's).")
+    gen.add_argument("--model", default=None,
+                     help="Converted pipeline folder or Hub id (default: the shapes model shipped with the package).")
+    gen.add_argument("--height", type=int, default=None, help="One of the model's sizes (default: 1024x1024 if it has it).")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--steps", type=int, default=None,
                      help="Head flow steps per block (default: the pipeline's: 50 text-to-image, 100 ImageNet).")
     gen.add_argument("--sampler", choices=list(SAMPLERS), default=None,
-                     help="Head sampler (default: the model's, the original's binary-flow SDE). flow-unipc and "
-                          "flow-dpmsolver need fewer --steps; see README.")
+                     help="Head sampler (default: the model's, the original's binary-flow SDE); flow-unipc and "
+                          "flow-dpmsolver work with far fewer --steps (see README).")
     gen.add_argument("--guidance", type=float, default=None,
                      help="Classifier-free guidance scale (default: the pipeline's: 7.5 text-to-image, 4.0 ImageNet).")
-    gen.add_argument("--num_images", type=int, default=1)
-    gen.add_argument("--seed", type=int, default=42)
+    gen.add_argument("--num_images", type=int, default=1, help="Images per prompt (or per class label).")
+    gen.add_argument("--seed", type=int, default=42, help="Seed of the generator on --device (the original's examples use 42).")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32" if not torch.cuda.is_available() else "bf16")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, default=None,
-                     help="Quantize the language model and head while loading (int8wo runs on CPU; see README).")
+                     help="Quantize the backbone and the head while loading (int8wo runs on CPU; see README).")
     gen.add_argument("--offload", choices=["model", "sequential"], default=None,
                      help="CUDA: keep weights in host memory and move them to the GPU when used (model: per component, "
                           "the language model leaves only for the decode; sequential: per layer, least GPU memory).")
     gen.add_argument("--cuda_graphs", action="store_true",
                      help="CUDA: replay the diffusion head and the language model's block step from CUDA graphs.")
-    gen.add_argument("--output", default="bitdance.png")
+    gen.add_argument("--output", default="bitdance.png", help="PNG path; several images get _0, _1, ... suffixes.")
 
     conv = commands.add_parser(
         "convert",
