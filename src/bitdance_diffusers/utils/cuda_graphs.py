@@ -47,7 +47,10 @@ class CUDAGraphRunner:
 
     def __call__(self, *tensors: torch.Tensor, **options):
         if tensors[0].device.type != "cuda":
-            raise ValueError(f"CUDA graphs need CUDA tensors, got a tensor on {tensors[0].device}.")
+            raise ValueError(
+                f"CUDA graphs need CUDA tensors, got a tensor on {tensors[0].device}: move the pipeline to a GPU "
+                "(`pipe.to('cuda')`) or call `pipe.disable_cuda_graphs()`."
+            )
         key = tuple((tensor.shape, tensor.dtype) for tensor in tensors)
         if key not in self.graphs:
             self.graphs[key] = self._capture(tensors, options)
