@@ -166,6 +166,8 @@ def test_errors_name_the_fix(tiny_pipe):
         run(tiny_pipe, ["a", "b", "c"], generator=[generator(0), generator(1)])
     with pytest.raises(ValueError, match="string or a list of strings"):
         run(tiny_pipe, 3)
+    with pytest.raises(ValueError, match="`num_images_per_prompt` must be a positive integer, got 0"):
+        run(tiny_pipe, num_images_per_prompt=0)
 
 
 def test_tokenizer_without_query_tokens_is_rejected(tiny_pipe):

@@ -198,6 +198,8 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
                 f"Size {height}x{width} does not split into {patch}x{patch}-pixel blocks of {self.config.block_size} "
                 f"tokens; use a multiple of {patch} for both sides."
             )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         num_images = num_prompts * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(

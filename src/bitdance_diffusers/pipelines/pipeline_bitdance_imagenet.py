@@ -151,7 +151,11 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
             )
         return ids
 
-    def check_inputs(self, guidance_schedule, num_inference_steps, generator, num_images, callback_inputs):
+    def check_inputs(
+        self, guidance_schedule, num_inference_steps, num_images_per_label, generator, num_images, callback_inputs
+    ):
+        if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
+            raise ValueError(f"`num_images_per_label` must be a positive integer, got {num_images_per_label!r}.")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -231,7 +235,12 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         class_ids = self.resolve_class_labels(class_labels)
         num_images = len(class_ids) * num_images_per_label
         self.check_inputs(
-            guidance_schedule, num_inference_steps, generator, num_images, callback_on_step_end_tensor_inputs
+            guidance_schedule,
+            num_inference_steps,
+            num_images_per_label,
+            generator,
+            num_images,
+            callback_on_step_end_tensor_inputs,
         )
         self._guidance_scale = guidance_scale
         self._interrupt = False
