@@ -76,6 +76,17 @@ def test_return_dict_false_returns_tuples():
     assert bool(((codes == 1) | (codes == -1)).all())
 
 
+def test_encode_and_decode_take_any_float_dtype():
+    vae = BitDanceTokenizer(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8).eval()
+    images = torch.rand(1, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        codes = vae.encode(images).codes
+        assert torch.equal(vae.encode(images.double()).codes, codes)
+        vae.to(torch.bfloat16)
+        assert vae.encode(images).codes.dtype == torch.bfloat16
+        assert vae.decode(codes).sample.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize(
     "images,message",
     [

@@ -276,8 +276,10 @@ class BitDanceTokenizer(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     @apply_forward_hook
     def encode(self, images: torch.Tensor, return_dict: bool = True) -> BinaryEncoderOutput | tuple[torch.Tensor]:
-        """Images ``[B, 3, H, W]`` in [-1, 1] -> ±1 codes ``[B, C, H / f, W / f]`` (0 maps to -1)."""
+        """Images ``[B, 3, H, W]`` in [-1, 1] (any float dtype; cast to the encoder's) -> ±1 codes ``[B, C, H / f, W / f]``
+        (0 maps to -1)."""
         self._check_images(images)
+        images = images.to(self.dtype)
         if self.use_slicing and images.shape[0] > 1:
             latents = torch.cat([self.encoder(image) for image in images.split(1)])
         else:
