@@ -14,11 +14,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 import bitdance_diffusers  # noqa: F401  (registers BitDanceImageNetPipeline with diffusers)
+from bitdance_diffusers.cli import class_label
 from bitdance_diffusers.random_pipeline import build_random_imagenet_pipeline
-
-
-def class_label(text: str) -> int | str:
-    return int(text) if text.lstrip("-").isdigit() else text
 
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
