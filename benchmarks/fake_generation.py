@@ -2,9 +2,8 @@
 
 The set-up `estimate_memory.py`, `count_traffic.py` and `profile_gemms.py` share: their options, the random pipeline
 built under the caller's `FakeTensorMode`, the generation they watch, and the hooks that tell its head calls and
-block steps apart. Values are never read under fake
-tensors, so building the pipeline here also bypasses the two value lookups of a generation (the scheduler's step
-lookup and the decoder's ±1 check) for the rest of the process.
+block steps apart. Values are never read under fake tensors, so building the pipeline here also bypasses the two
+value lookups of a generation (the scheduler's step lookup and the decoder's ±1 check) for the rest of the process.
 """
 
 import torch

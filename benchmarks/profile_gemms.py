@@ -90,10 +90,10 @@ def split_k_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x_slices = x.view(rows, splits, features // splits).transpose(0, 1)  # [s, M, K/s]
     w_slices = weight.view(weight.shape[0], splits, features // splits).permute(1, 2, 0)  # [s, K/s, N]
     if x.is_cuda and x.dtype != torch.float32:
-        partial = torch.bmm(x_slices, w_slices, out_dtype=torch.float32)  # float32 accumulators written out
+        partials = torch.bmm(x_slices, w_slices, out_dtype=torch.float32)  # float32 accumulators written out
     else:  # out_dtype is CUDA-only
-        partial = torch.bmm(x_slices.float(), w_slices.float())
-    out = partial.sum(0)
+        partials = torch.bmm(x_slices.float(), w_slices.float())
+    out = partials.sum(0)
     if bias is not None:
         out += bias
     return out.to(x.dtype)

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from .pipelines import BitDanceImageNetPipeline
 from .quantization import CUDA_ONLY_SCHEMES, QUANTIZATION_SCHEMES, pipeline_quantization_config
 from .schedulers import SAMPLERS, scheduler_for_sampler
 
@@ -77,7 +78,7 @@ def load_pipeline(
         if quantize is not None:
             # The heavy components: the backbone (language model, or the ImageNet transformer) and the head.
             class_name = DiffusionPipeline.load_config(model)["_class_name"]
-            backbone = "transformer" if class_name == "BitDanceImageNetPipeline" else "language_model"
+            backbone = "transformer" if class_name == BitDanceImageNetPipeline.__name__ else "language_model"
             quantization_config = pipeline_quantization_config(
                 quantize, components=(backbone, "diffusion_head"), compute_dtype=dtype
             )
@@ -106,8 +107,6 @@ def generate(args):
     if args.class_labels is not None and args.model is None:
         raise ValueError("--class_labels needs --model with a converted ImageNet checkpoint (see README).")
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device, args.quantize, args.offload, args.cuda_graphs)
-    from .pipelines import BitDanceImageNetPipeline
-
     class_conditional = isinstance(pipe, BitDanceImageNetPipeline)
     if class_conditional and args.class_labels is None:
         raise ValueError(f"{args.model} is a class-conditional ImageNet model: pass --class_labels, not --prompt.")
