@@ -267,6 +267,20 @@ def test_callback_runs_once_per_block_and_can_edit_latents(tiny_imagenet):
     assert bool((codes == 0).all())
 
 
+def test_interrupt_from_a_callback_ends_the_loop_and_decodes_the_sampled_blocks(tiny_imagenet):
+    def stop_after_block_1(pipe, block, timestep, callback_kwargs):
+        if block == 1:
+            pipe._interrupt = True
+        return callback_kwargs
+
+    full = grid_to_sequence(run(tiny_imagenet, [1, 2], generator=generator(0)), 4)
+    stopped = run(tiny_imagenet, [1, 2], generator=generator(0), callback_on_step_end=stop_after_block_1)
+    stopped_sequence = grid_to_sequence(stopped, 4)
+    assert torch.equal(stopped_sequence[:, :8], full[:, :8]) and bool((stopped_sequence[:, 8:] == 0).all())
+    images = run(tiny_imagenet, [1, 2], generator=generator(0), callback_on_step_end=stop_after_block_1, output_type="pil")
+    assert len(images) == 2 and images[0].size == (64, 64)
+
+
 def test_save_load_round_trip_with_custom_labels(tmp_path):
     pipe = build_random_imagenet_pipeline(block_size=1, num_classes=3)
     pipe = BitDanceImageNetPipeline(**pipe.components, id2label={0: "cat, kitty", 1: "dog", 2: "bird"})

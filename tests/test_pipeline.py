@@ -17,6 +17,7 @@ import bitdance_diffusers
 from bitdance_diffusers import BinaryFlowScheduler, BitDancePipeline
 from bitdance_diffusers.random_pipeline import build_byte_tokenizer
 from bitdance_diffusers.schedulers import FLOW_OPTIONS
+from bitdance_diffusers.utils.token_layout import grid_to_sequence
 from conftest import generator
 
 
@@ -132,6 +133,34 @@ def test_callback_runs_once_per_block_and_can_edit_latents(tiny_pipe):
     assert [block for block, _ in seen] == [0, 1, 2, 3] and tiny_pipe.num_timesteps == 4
     assert bool((seen[0][1][:, 16:] == 0).all()) and bool((seen[0][1][:, :16] != 0).all())
     assert bool((codes == 1).all())
+
+
+def test_interrupt_from_a_callback_ends_the_loop_and_decodes_the_sampled_blocks(tiny_pipe):
+    def stop_after_block_1(pipe, block, timestep, callback_kwargs):
+        if block == 1:
+            pipe._interrupt = True
+        return callback_kwargs
+
+    head_calls = []
+    hook = tiny_pipe.diffusion_head.register_forward_pre_hook(lambda module, args: head_calls.append(1))
+    try:
+        full = grid_to_sequence(run(tiny_pipe, generator=generator(0)), 16)
+        calls_per_block = len(head_calls) // 4
+        head_calls.clear()
+        stopped = run(tiny_pipe, generator=generator(0), callback_on_step_end=stop_after_block_1)
+        assert len(head_calls) == 2 * calls_per_block
+    finally:
+        hook.remove()
+    stopped_sequence = grid_to_sequence(stopped, 16)
+    assert torch.equal(stopped_sequence[:, :32], full[:, :32]) and bool((stopped_sequence[:, 32:] == 0).all())
+
+    images = run(tiny_pipe, generator=generator(0), callback_on_step_end=stop_after_block_1, output_type="np")
+    binary = torch.where(stopped > 0, 1.0, -1.0)
+    with torch.no_grad():
+        expected = tiny_pipe.image_processor.postprocess(tiny_pipe.vae.decode(binary).sample, output_type="np")
+    assert images.shape == (1, 128, 128, 3) and np.allclose(images, expected, atol=1e-6)
+    # The next call starts uninterrupted.
+    assert torch.equal(grid_to_sequence(run(tiny_pipe, generator=generator(0)), 16), full)
 
 
 def test_save_load_round_trip_and_diffusion_pipeline_resolution(tiny_pipe, tmp_path):

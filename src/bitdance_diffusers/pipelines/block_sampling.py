@@ -77,7 +77,8 @@ class BlockAutoregressiveMixin:
 
     The pipeline provides the backbone through two things: the head condition of the first block, and a function that
     feeds a sampled block to the backbone (extending its KV cache) and returns the condition of the next block. It
-    must have ``diffusion_head`` and ``scheduler`` components and an ``_interrupt`` flag.
+    must have ``diffusion_head``, ``scheduler`` and ``vae`` components, an ``image_processor`` and an ``_interrupt``
+    flag.
     """
 
     _head_cuda_graphs: CUDAGraphRunner | None = None
@@ -100,6 +101,21 @@ class BlockAutoregressiveMixin:
     @property
     def interrupt(self):
         return self._interrupt
+
+    def decode_codes(
+        self, codes: torch.Tensor, output_type: str, generator: torch.Generator | list[torch.Generator] | None
+    ):
+        """Code grid ``[B, C, h, w]`` -> images of ``output_type`` (``"latent"`` returns the codes as they are).
+
+        After an interrupt (``pipe._interrupt = True`` in a callback) the blocks not sampled are zeros; the decode reads
+        them as -1, the encoder's binarisation of 0, so the image shows the blocks sampled so far.
+        """
+        if output_type == "latent":
+            return codes
+        if self.interrupt:
+            codes = binarize(codes)
+        image = self.vae.decode(codes.to(self.vae.dtype), generator=generator).sample
+        return self.image_processor.postprocess(image.float(), output_type=output_type)
 
     def check_scheduler(self):
         """Raise if ``self.scheduler`` cannot sample a block, which would otherwise give noise without an error.

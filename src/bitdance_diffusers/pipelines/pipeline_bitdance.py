@@ -350,11 +350,13 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator for the batch (the
                 draws then equal the original's global-RNG draws for the same seed), or one per image.
             output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the ±1 code grid
-                ``[B, C, h, w]``).
+                ``[B, C, h, w]``; 0 in the blocks an interrupt left unsampled).
             return_dict (`bool`, defaults to `True`): return an [`~pipelines.ImagePipelineOutput`].
             attention_kwargs (`dict`, *optional*): passed to the head's attention processors.
             callback_on_step_end (`Callable`, *optional*): called after every autoregressive block as
                 ``callback(pipe, block_index, timestep, callback_kwargs)``; may return a replacement ``latents``.
+                Setting ``pipe._interrupt = True`` there ends the loop after that block; the images then show the
+                blocks sampled so far.
             callback_on_step_end_tensor_inputs (`list[str]`): tensors given to the callback; ``latents`` is the token
                 sequence ``[B, h*w, C]`` in patch-raster order, filled up to the current block (zeros after it).
 
@@ -413,11 +415,7 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
         del cache, hidden
 
         codes = sequence_to_grid(latents, grid_height, grid_width, block_size)
-        if output_type == "latent":
-            image = codes
-        else:
-            image = self.vae.decode(codes.to(self.vae.dtype), generator=generator).sample
-            image = self.image_processor.postprocess(image.float(), output_type=output_type)
+        image = self.decode_codes(codes, output_type, generator)
 
         self.maybe_free_model_hooks()
         if not return_dict:
