@@ -122,6 +122,9 @@ def test_rejects_bad_configuration():
         BinaryFlowScheduler(t_max=1.0)
     with pytest.raises(ValueError, match="set_timesteps"):
         BinaryFlowScheduler().step(torch.zeros(1), 0, torch.zeros(1))
+    for steps in (0, 2.5, None):
+        with pytest.raises(ValueError, match="positive integer"):
+            BinaryFlowScheduler().set_timesteps(steps)
 
 
 def test_samplers_by_name_keep_the_pipeline_configuration():

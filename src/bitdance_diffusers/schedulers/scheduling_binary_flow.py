@@ -18,6 +18,7 @@ step), then one deterministic Euler step of size ``1 - t_max`` and binarisation 
 evaluations and ``N`` noise draws per call of ``set_timesteps(N)``.
 """
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,7 +131,7 @@ class BinaryFlowScheduler(SchedulerMixin, ConfigMixin):
             times = 1.0 - sigmas
             step_sizes = torch.diff(torch.cat([times, torch.ones(1)]))
         else:
-            if num_inference_steps is None or num_inference_steps < 1:
+            if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
                 raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}.")
             times, step_sizes = self._default_times(num_inference_steps)
         self.num_inference_steps = len(times) - 1 if sigmas is None else len(times)
