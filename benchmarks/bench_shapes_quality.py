@@ -22,7 +22,8 @@ from bitdance_diffusers import BitDancePipeline, quantize_model_
 from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES
 from bitdance_diffusers.schedulers import SAMPLERS, scheduler_for_sampler
 from bitdance_diffusers.training import ShapesDataset, psnr
-from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, HELD_OUT_SEED, score_held_out_prompts
+from bitdance_diffusers.pretrained import DEMO_MODEL_PATH
+from bitdance_diffusers.training.demo import HELD_OUT_SEED, score_held_out_prompts
 from bitdance_diffusers.training.shapes_detector import detect_shape
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from bitdance_diffusers import BitDancePipeline
-from bitdance_diffusers.training.demo import DEMO_MODEL_PATH
+from bitdance_diffusers.pretrained import DEMO_MODEL_PATH
 
 
 PROMPTS = [

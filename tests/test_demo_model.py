@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from bitdance_diffusers import BitDancePipeline
-from bitdance_diffusers.training.demo import DEMO_MODEL_PATH, score_held_out_prompts
+from bitdance_diffusers.pretrained import DEMO_MODEL_PATH
+from bitdance_diffusers.training.demo import score_held_out_prompts
 from bitdance_diffusers.training.shapes_detector import detect_shape
 
 

@@ -1,8 +1,10 @@
 """The installed package: cheap import, diffusers registration in a fresh process, the command line."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 import torch
@@ -40,11 +42,29 @@ def test_diffusion_pipeline_loads_a_saved_folder_in_a_fresh_process(tmp_path):
     assert out.stdout.split() == ["BitDancePipeline", "BitDanceTokenizer", "BinaryFlowScheduler"]
 
 
+def test_wheel_ships_every_module_and_the_demo_model(tmp_path):
+    # Built from a fresh copy: files left in a previous build/ folder must not stand in for missing package data.
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    package = source / "src" / "bitdance_diffusers"
+    expected = {path.relative_to(package.parent).as_posix() for path in package.rglob("*") if path.is_file()}
+    assert any("bitdance-shapes-128/vae/" in name for name in expected)
+    assert sorted(expected - shipped) == []
+
+
 def test_command_line_falls_back_to_a_tiny_random_model(tmp_path, monkeypatch, capsys):
     from bitdance_diffusers import cli
-    from bitdance_diffusers.training import demo
+    from bitdance_diffusers import pretrained
 
-    monkeypatch.setattr(demo, "DEMO_MODEL_PATH", tmp_path / "missing")
+    monkeypatch.setattr(pretrained, "DEMO_MODEL_PATH", tmp_path / "missing")
     output = tmp_path / "fox.png"
     cli.main(["generate", "--prompt", "a red fox", "--steps", "2", "--output", str(output)])
     assert "tiny randomly initialised" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from bitdance_diffusers import (
 )
 from bitdance_diffusers.random_pipeline import build_random_imagenet_pipeline, build_random_pipeline
 from bitdance_diffusers.training import psnr
-from bitdance_diffusers.training.demo import DEMO_MODEL_PATH
+from bitdance_diffusers.pretrained import DEMO_MODEL_PATH
 
 
 def linear_weights(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -36,7 +36,7 @@ def load_pipeline(
     else a tiny randomly initialised pipeline built in memory."""
     from diffusers import DiffusionPipeline
 
-    from .training.demo import DEMO_MODEL_PATH
+    from .pretrained import DEMO_MODEL_PATH
 
     on_cuda = str(device).startswith("cuda")
     if quantize in CUDA_ONLY_SCHEMES and not on_cuda:

@@ -6,7 +6,6 @@ frozen binary tokenizer, and saves the complete `BitDancePipeline` folder.
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -23,8 +22,7 @@ from .tokenizer_objective import TokenizerObjectiveConfig
 from .trainer import TrainingConfig, train_text_to_image, train_tokenizer
 
 
-# Where the trained demo pipeline ships inside the package, and the dataset seed kept out of its training.
-DEMO_MODEL_PATH = Path(__file__).resolve().parents[1] / "pretrained" / "bitdance-shapes-128"
+# The dataset seed kept out of the demo model's training (its held-out prompts).
 HELD_OUT_SEED = 10_000
 
 
