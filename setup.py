@@ -25,8 +25,10 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "torchao>=0.17,<0.19", "bitsandbytes>=0.48"],  # torchao: tested 0.17, 0.18
+        # torchao: tested 0.17, 0.18; peft: tested 0.21
+        "test": ["pytest>=8.0", "torchao>=0.17,<0.19", "bitsandbytes>=0.48", "peft>=0.15"],
         "quantization": ["torchao>=0.17", "bitsandbytes>=0.45"],
+        "lora": ["peft>=0.15"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["bitdance=bitdance_diffusers.cli:main"]},

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -108,7 +109,7 @@ def run_ada_ln_head(head: ModelMixin, sample, timestep, condition, *block_args) 
     return head.final_layer(x, y)
 
 
-class BitDanceDiffusionHead(ModelMixin, AttentionMixin, ConfigMixin):
+class BitDanceDiffusionHead(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     x-prediction network for one block of P binary tokens, conditioned per token on the backbone's hidden states.
 

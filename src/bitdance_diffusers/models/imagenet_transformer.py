@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -146,7 +147,7 @@ class ImageNetTransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class BitDanceImageNetTransformer(ModelMixin, AttentionMixin, ConfigMixin):
+class BitDanceImageNetTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     Class-conditional autoregressive backbone of BitDance-{B,L,H} (ImageNet 256x256).
 

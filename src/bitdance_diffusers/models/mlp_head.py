@@ -7,6 +7,7 @@ equal the original checkpoint's keys without their ``head.net.`` prefix.
 import torch
 import torch.nn as nn
 from diffusers import ConfigMixin, ModelMixin
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.configuration_utils import register_to_config
 
 from .diffusion_head import HeadFinalLayer, modulate, run_ada_ln_head
@@ -30,7 +31,7 @@ class MLPResBlock(SwiGLU):
         return torch.addcmul(x, gate, super().forward(modulate(self.norm(x), shift, scale)))
 
 
-class BitDanceMLPHead(ModelMixin, ConfigMixin):
+class BitDanceMLPHead(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     x-prediction network for single binary tokens, conditioned per token on the backbone output.
 

@@ -21,6 +21,7 @@ from ..utils.attention_masks import additive_mask, block_causal_allowed
 from ..utils.cuda_graphs import CUDAGraphRunner
 from ..utils.grouped_query_attention import packed_gqa_attention
 from ..utils.token_layout import patch_size_for_block, sequence_to_grid
+from ..loaders.lora import BitDanceLoraLoaderMixin
 from .block_sampling import BlockAutoregressiveMixin
 
 
@@ -54,7 +55,7 @@ def _cache_argument_name(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
+class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline, BitDanceLoraLoaderMixin):
     r"""
     Text-to-image with BitDance: a Qwen3 language model reads the prompt and then, block by block, the image's binary
     tokens in patch-raster order; a diffusion head samples the ``P`` tokens of each block jointly from the model's
@@ -78,6 +79,7 @@ class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline):
     # on the accelerator; the language model leaves it only for the decode.
     _exclude_from_cpu_offload = ["diffusion_head", "projector"]
     _callback_tensor_inputs = ["latents"]
+    _lora_loadable_modules = ["language_model", "diffusion_head"]
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from ..models.diffusion_head import BitDanceDiffusionHead
 from ..models.imagenet_transformer import BitDanceImageNetTransformer
 from ..models.mlp_head import BitDanceMLPHead
 from ..utils.token_layout import sequence_to_grid
+from ..loaders.lora import BitDanceLoraLoaderMixin
 from .block_sampling import BlockAutoregressiveMixin
 
 
@@ -39,7 +40,7 @@ EXAMPLE_DOC_STRING = """
 GUIDANCE_SCHEDULES = ("linear", "constant")
 
 
-class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
+class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline, BitDanceLoraLoaderMixin):
     r"""
     Class-conditional image generation with BitDance: a LlamaGen-style transformer reads 64 class tokens and then,
     block by block, the image's binary tokens in patch-raster order; a diffusion head samples the ``P`` tokens of each
@@ -59,6 +60,7 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline):
     # The head runs num_inference_steps + 1 times per block: keep it on the accelerator instead of shuttling it.
     _exclude_from_cpu_offload = ["diffusion_head"]
     _callback_tensor_inputs = ["latents"]
+    _lora_loadable_modules = ["transformer", "diffusion_head"]
 
     def __init__(
         self,

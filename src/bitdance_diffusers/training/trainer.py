@@ -3,7 +3,8 @@
 Both loops are deterministic by step: the batch of step ``s`` on process ``r`` and every random draw of that step
 (time, noise, bit flips, text dropout) come from ``(seed, s, r)``, so resuming from a checkpoint continues exactly as
 an uninterrupted run. Checkpoints (``accelerator.save_state``: weights, optimizer, LR schedule) go to
-``output_dir/checkpoint-<step>``; the result is saved in the diffusers folder format to ``output_dir/final``.
+``output_dir/checkpoint-<step>``; the result is saved in the diffusers folder format (or, for LoRA training, as a
+diffusers LoRA file) to ``output_dir/final``.
 """
 
 import math
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..pipelines.pipeline_bitdance import BitDancePipeline
 from .discriminator import PatchDiscriminator
+from .lora import add_trainable_lora, save_lora
 from .t2i_objective import T2IObjectiveConfig, t2i_training_loss
 from .tokenizer_objective import TokenizerObjectiveConfig, tokenizer_training_loss
 
@@ -161,11 +163,20 @@ def train_tokenizer(vae: BitDanceTokenizer, dataset, config: TrainingConfig,
 
 
 def train_text_to_image(pipe: BitDancePipeline, dataset, config: TrainingConfig,
-                        objective: T2IObjectiveConfig = T2IObjectiveConfig(), resume: bool = True) -> list:  # fmt: skip
-    """Train the language model, projector and head of ``pipe`` in place on captioned images."""
+                        objective: T2IObjectiveConfig = T2IObjectiveConfig(), resume: bool = True,
+                        lora_rank: int | None = None) -> list:  # fmt: skip
+    """Train the language model, projector and head of ``pipe`` in place on captioned images, and save the pipeline.
+
+    With ``lora_rank``, train rank-``lora_rank`` LoRA adapters of the language model and the head instead (base
+    weights frozen, see `add_trainable_lora`) and save only them, as a LoRA file for ``load_lora_weights``.
+    """
+    save_final = pipe.save_pretrained
+    if lora_rank is not None:
+        add_trainable_lora(pipe, lora_rank)
+        save_final = partial(save_lora, pipe)
     for module in (pipe.language_model, pipe.projector, pipe.diffusion_head):
         module.train()
-    losses = run_training(T2ITrainingModule(pipe, objective), dataset, config, pipe.save_pretrained, resume)
+    losses = run_training(T2ITrainingModule(pipe, objective), dataset, config, save_final, resume)
     for module in (pipe.language_model, pipe.projector, pipe.diffusion_head):
         module.eval()
     return losses

@@ -1,0 +1,247 @@
+"""LoRA adapters for BitDance pipelines, in diffusers' LoRA format.
+
+A LoRA file is one ``pytorch_lora_weights.safetensors`` whose keys start with the name of the component they adapt
+(``language_model.layers.0.self_attn.q_proj.lora_A.weight``, ``diffusion_head.res_blocks.0.w1.lora_B.weight``) and
+whose metadata holds each component's PEFT ``LoraConfig``, as written by `save_lora_weights`. The heads and the
+ImageNet transformer take adapters through diffusers' `PeftAdapterMixin`; the text-to-image backbone, a transformers
+model, takes them from PEFT directly (`add_lora_adapter`), which needs only the PEFT that diffusers needs.
+`LoraBaseMixin` then provides ``fuse_lora``, ``unfuse_lora``, ``set_adapters``, ``disable_lora``, ``enable_lora``,
+``delete_adapters`` and ``unload_lora_weights`` over every loadable component.
+"""
+
+import os
+from typing import Callable
+
+import torch
+from diffusers import ModelMixin
+from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
+from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
+from diffusers.utils import is_peft_available
+from diffusers.utils.peft_utils import _create_lora_config
+from huggingface_hub.utils import validate_hf_hub_args
+
+
+def require_peft():
+    if not is_peft_available():
+        raise ImportError("LoRA adapters need the peft library: pip install peft (or pip install -e '.[lora]').")
+
+
+def add_lora_adapter(model: torch.nn.Module, config, adapter_name: str = "default"):
+    """Add a new LoRA adapter (``peft.LoraConfig``) to a diffusers model or a transformers backbone, for training or
+    loading; its weights are the only trainable ones when the model was frozen before."""
+    require_peft()
+    from peft import inject_adapter_in_model
+
+    if isinstance(model, ModelMixin):
+        model.add_adapter(config, adapter_name=adapter_name)
+        return
+    configs = getattr(model, "peft_config", {})
+    if adapter_name in configs:
+        raise ValueError(f"{type(model).__name__} already has an adapter named {adapter_name!r}; choose another name.")
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    model.peft_config = {**configs, adapter_name: config}
+    # The flag diffusers and transformers read to tell that a transformers model carries PEFT adapters.
+    model._hf_peft_config_loaded = True
+
+
+def load_lora_into_backbone(model: torch.nn.Module, state_dict: dict, metadata: dict | None, adapter_name: str):
+    """Add adapter ``adapter_name`` with the LoRA tensors ``state_dict`` (keys without the component prefix) to a
+    transformers backbone; the config comes from ``metadata`` or, without it, from the tensors' ranks."""
+    from peft import set_peft_model_state_dict
+
+    ranks = {f"^{key}": tensor.shape[1] for key, tensor in state_dict.items() if "lora_B" in key and tensor.ndim > 1}
+    config = _create_lora_config(state_dict, None, metadata, ranks, is_unet=False)
+    add_lora_adapter(model, config, adapter_name)
+    result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    unexpected = [key for key in result.unexpected_keys if "lora_" in key]
+    if unexpected:
+        raise ValueError(
+            f"The LoRA layers {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''} match no module of "
+            f"{type(model).__name__}; the file was saved for a different model."
+        )
+
+
+class BitDanceLoraLoaderMixin(LoraBaseMixin):
+    r"""
+    Load, save, fuse and switch LoRA adapters of the backbone and the diffusion head.
+
+    Each pipeline names its adaptable components in ``_lora_loadable_modules``: ``["language_model",
+    "diffusion_head"]`` for text-to-image, ``["transformer", "diffusion_head"]`` for the ImageNet models.
+    """
+
+    _lora_loadable_modules: list[str] = []
+
+    @classmethod
+    @validate_hf_hub_args
+    def lora_state_dict(
+        cls, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict, return_lora_metadata: bool = False, **kwargs
+    ):
+        """The LoRA tensors (and with ``return_lora_metadata`` the adapter configs) of a folder, Hub repo or dict.
+
+        Keyword arguments as in diffusers: ``weight_name``, ``subfolder``, ``use_safetensors``, ``local_files_only``,
+        ``cache_dir``, ``revision``, ``token``, ``force_download``, ``proxies``.
+        """
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        state_dict, metadata = _fetch_state_dict(
+            pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
+            weight_name=kwargs.pop("weight_name", None),
+            use_safetensors=True if use_safetensors is None else use_safetensors,
+            local_files_only=kwargs.pop("local_files_only", None),
+            cache_dir=kwargs.pop("cache_dir", None),
+            force_download=kwargs.pop("force_download", False),
+            proxies=kwargs.pop("proxies", None),
+            token=kwargs.pop("token", None),
+            revision=kwargs.pop("revision", None),
+            subfolder=kwargs.pop("subfolder", None),
+            user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+            allow_pickle=use_safetensors is None,
+        )
+        if kwargs:
+            raise TypeError(f"lora_state_dict got unexpected keyword arguments {sorted(kwargs)}.")
+        return (state_dict, metadata) if return_lora_metadata else state_dict
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
+        adapter_name: str | None = None,
+        hotswap: bool = False,
+        **kwargs,
+    ):
+        """Add the LoRA adapter saved at ``pretrained_model_name_or_path_or_dict`` to every component it has layers for.
+
+        Args:
+            pretrained_model_name_or_path_or_dict: a folder or Hub repo holding ``pytorch_lora_weights.safetensors``
+                (or ``weight_name``), or a state dict with component-prefixed keys.
+            adapter_name: name under which the adapter is registered in every component (default ``default_<n>``,
+                the same ``n`` in all of them), for ``set_adapters`` and ``delete_adapters``.
+            hotswap: replace the weights of the already loaded adapter ``adapter_name`` in place (diffusers models
+                only; avoids recompiling a compiled head).
+            kwargs: ``low_cpu_mem_usage`` and the loading options of `lora_state_dict`.
+        """
+        require_peft()
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
+        state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, True, **kwargs)
+        if not state_dict or not all("lora" in key for key in state_dict):
+            raise ValueError(
+                "Not a LoRA checkpoint: every tensor name must contain 'lora' (e.g. "
+                "'diffusion_head.res_blocks.0.w1.lora_A.weight'); save adapters with save_lora_weights."
+            )
+        components = {key.split(".", 1)[0] for key in state_dict}
+        unknown = sorted(components - set(self._lora_loadable_modules))
+        if unknown:
+            raise ValueError(
+                f"The LoRA checkpoint has layers for {unknown}, which {type(self).__name__} does not take; its "
+                f"adaptable components are {self._lora_loadable_modules} (tensor names start with the component)."
+            )
+        models = [getattr(self, name) for name in self._lora_loadable_modules]
+        if adapter_name is None:
+            adapter_name = f"default_{max(len(getattr(model, 'peft_config', {})) for model in models)}"
+        # Accelerate's offload hooks wrap the modules as they are: take them off while adapter layers are added.
+        offloading = self._optionally_disable_offloading(self)
+        try:
+            for name, model in zip(self._lora_loadable_modules, models):
+                if name in components:
+                    self._load_component_lora(name, model, state_dict, metadata, adapter_name, hotswap, low_cpu_mem_usage)
+        finally:
+            self._reapply_offloading(*offloading)
+
+    def _load_component_lora(self, name, model, state_dict, metadata, adapter_name, hotswap, low_cpu_mem_usage):
+        prefix = f"{name}."
+        # Without this component's config in the metadata, the config is read off the tensors (ranks, modules).
+        has_config = any(key.startswith(prefix) for key in metadata or {})
+        if isinstance(model, ModelMixin):
+            model.load_lora_adapter(
+                state_dict, prefix=name, adapter_name=adapter_name, metadata=metadata if has_config else None,
+                hotswap=hotswap, low_cpu_mem_usage=low_cpu_mem_usage,
+            )  # fmt: skip
+            return
+        if hotswap:
+            raise ValueError(f"hotswap=True works for diffusers models only, not for {name}; load without it.")
+        load_lora_into_backbone(
+            model,
+            {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)},
+            {key.removeprefix(prefix): value for key, value in metadata.items() if key.startswith(prefix)}
+            if has_config
+            else None,
+            adapter_name,
+        )
+
+    def _reapply_offloading(self, model_offload: bool, sequential_offload: bool, group_offload: bool):
+        device = getattr(self, "_offload_device", None)
+        if model_offload:
+            self.enable_model_cpu_offload(device=device)
+        elif sequential_offload:
+            self.enable_sequential_cpu_offload(device=device)
+        elif group_offload:
+            for component in self.components.values():
+                if isinstance(component, torch.nn.Module):
+                    _maybe_remove_and_reapply_group_offloading(component)
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        weight_name: str | None = None,
+        save_function: Callable | None = None,
+        safe_serialization: bool = True,
+        **component_lora_layers,
+    ):
+        """Write LoRA layers as one diffusers LoRA file.
+
+        Pass ``<component>_lora_layers`` (the adapter's state dict, e.g. ``peft.get_peft_model_state_dict(model)``)
+        and ``<component>_lora_adapter_metadata`` (its ``LoraConfig.to_dict()``, so that loading needs no guessing) for
+        each component in ``_lora_loadable_modules``; at least one component's layers.
+        """
+        lora_layers, lora_metadata = {}, {}
+        for name in cls._lora_loadable_modules:
+            layers = component_lora_layers.pop(f"{name}_lora_layers", None)
+            metadata = component_lora_layers.pop(f"{name}_lora_adapter_metadata", None)
+            if layers:
+                lora_layers[name], lora_metadata[name] = layers, metadata
+        expected = [f"{name}_lora_layers" for name in cls._lora_loadable_modules]
+        if component_lora_layers:
+            raise TypeError(f"Unexpected arguments {sorted(component_lora_layers)}; {cls.__name__} takes {expected}.")
+        if not lora_layers:
+            raise ValueError(f"Nothing to save: pass at least one of {expected}.")
+        cls._save_lora_weights(
+            save_directory=save_directory,
+            lora_layers=lora_layers,
+            lora_metadata=lora_metadata,
+            is_main_process=is_main_process,
+            weight_name=weight_name,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+        )
+
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ):
+        """Merge the active adapters into the weights of ``components`` (default: every adaptable component)."""
+        super().fuse_lora(
+            components=components or self._lora_loadable_modules,
+            lora_scale=lora_scale,
+            safe_fusing=safe_fusing,
+            adapter_names=adapter_names,
+            **kwargs,
+        )
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs):
+        """Undo `fuse_lora` on ``components`` (default: every adaptable component)."""
+        super().unfuse_lora(components=components or self._lora_loadable_modules, **kwargs)
+
+
+def adapter_state_and_config(model: torch.nn.Module, adapter_name: str = "default") -> tuple[dict, dict]:
+    """The LoRA tensors and ``LoraConfig`` dict of ``model``'s adapter ``adapter_name``, as `save_lora_weights` takes
+    them (``<component>_lora_layers``, ``<component>_lora_adapter_metadata``)."""
+    require_peft()
+    from peft import get_peft_model_state_dict
+
+    config = model.peft_config[adapter_name].to_dict()
+    return get_peft_model_state_dict(model, adapter_name=adapter_name), config

@@ -1,0 +1,188 @@
+"""LoRA adapters: diffusers' LoRA file format, load / fuse / switch / unload on both pipelines, LoRA training."""
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors import safe_open
+
+from bitdance_diffusers import BitDanceImageNetPipeline, BitDancePipeline
+from bitdance_diffusers.loaders import adapter_state_and_config, add_lora_adapter
+from bitdance_diffusers.random_pipeline import build_random_imagenet_pipeline, build_random_pipeline
+from bitdance_diffusers.training import LORA_TARGET_MODULES, ShapesDataset, TrainingConfig, train_text_to_image
+from conftest import generator
+
+
+def fresh_pipe():
+    pipe = build_random_pipeline("tiny", block_size=16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe):
+    return pipe("a red circle", height=128, width=128, num_inference_steps=2, generator=generator(0),
+                output_type="latent").images  # fmt: skip
+
+
+def add_random_adapters(pipe, targets, rank=4):
+    """Adapters with random (non-zero) weights, so that they change the result."""
+    torch.manual_seed(1)
+    for name, modules in targets.items():
+        add_lora_adapter(getattr(pipe, name), LoraConfig(r=rank, lora_alpha=rank, target_modules=modules,
+                                                         init_lora_weights=False))  # fmt: skip
+
+
+def save_adapters(pipe, directory, configs_of=None):
+    """Save every component's adapter, with the LoRA configs of the components ``configs_of`` (default: all)."""
+    arguments = {}
+    for name in pipe._lora_loadable_modules:
+        layers, config = adapter_state_and_config(getattr(pipe, name))
+        arguments[f"{name}_lora_layers"] = layers
+        if configs_of is None or name in configs_of:
+            arguments[f"{name}_lora_adapter_metadata"] = config
+    type(pipe).save_lora_weights(directory, **arguments)
+
+
+# Without a component's config in the file, its ranks and modules are read off the tensors.
+@pytest.mark.parametrize("configs_of", [None, (), ("diffusion_head",)], ids=["configs", "no-configs", "head-config"])
+def test_saved_adapters_load_fuse_switch_and_unload(tmp_path, configs_of):
+    pipe = fresh_pipe()
+    base = run(pipe)
+    add_random_adapters(pipe, LORA_TARGET_MODULES)
+    adapted = run(pipe)
+    assert not torch.equal(adapted, base)
+    save_adapters(pipe, tmp_path, configs_of)
+    with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
+        prefixes = {key.split(".")[0] for key in f.keys()}
+    assert prefixes == {"language_model", "diffusion_head"}
+
+    loaded = fresh_pipe()
+    loaded.load_lora_weights(tmp_path)
+    assert loaded.get_list_adapters() == {"language_model": ["default_0"], "diffusion_head": ["default_0"]}
+    assert torch.equal(run(loaded), adapted)
+    loaded.set_adapters("default_0", 0.0)
+    assert torch.equal(run(loaded), base)
+    loaded.set_adapters("default_0", 1.0)
+    assert torch.equal(run(loaded), adapted)
+
+    # Fusing merges the adapter into the base weights; both models then compute what they did with the separate
+    # adapter (to rounding, which can flip a token of the chaotic random model, so compared on the forwards).
+    head, language_model = loaded.diffusion_head, loaded.language_model
+    torch.manual_seed(2)
+    head_inputs = (torch.randn(2, 16, 32), torch.rand(2), torch.randn(2, 16, head.config.condition_channels))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+
+    @torch.no_grad()
+    def forwards():
+        return language_model(input_ids=ids).last_hidden_state, head(*head_inputs)
+
+    def base_weights():
+        return [head.res_blocks[0].w1.base_layer.weight.clone(),
+                language_model.layers[0].self_attn.q_proj.base_layer.weight.clone()]  # fmt: skip
+
+    with_adapter, unfused = forwards(), base_weights()
+    loaded.fuse_lora()
+    assert all(not torch.equal(fused, weight) for fused, weight in zip(base_weights(), unfused))
+    for fused, reference in zip(forwards(), with_adapter):
+        assert torch.allclose(fused, reference, atol=1e-5)
+    loaded.unfuse_lora()
+    for restored, weight in zip(base_weights(), unfused):
+        assert torch.allclose(restored, weight, atol=1e-6)
+    loaded.unload_lora_weights()
+    assert torch.equal(run(loaded), base) and loaded.get_list_adapters() == {}
+
+
+def test_adapters_of_one_component_and_named_adapters(tmp_path):
+    pipe = fresh_pipe()
+    add_random_adapters(pipe, {"diffusion_head": LORA_TARGET_MODULES["diffusion_head"]})
+    layers, config = adapter_state_and_config(pipe.diffusion_head)
+    BitDancePipeline.save_lora_weights(tmp_path, diffusion_head_lora_layers=layers,
+                                       diffusion_head_lora_adapter_metadata=config)  # fmt: skip
+    loaded = fresh_pipe()
+    loaded.load_lora_weights(tmp_path, adapter_name="style")
+    assert loaded.get_list_adapters() == {"diffusion_head": ["style"]}
+    assert torch.equal(run(loaded), run(pipe))
+    loaded.delete_adapters("style")
+    assert torch.equal(run(loaded), run(fresh_pipe()))
+
+
+def test_loading_after_model_offload_keeps_the_offload(tmp_path):
+    pipe = fresh_pipe()
+    add_random_adapters(pipe, LORA_TARGET_MODULES)
+    save_adapters(pipe, tmp_path)
+    offloaded = fresh_pipe()
+    offloaded.enable_model_cpu_offload(device="cpu")
+    offloaded.load_lora_weights(tmp_path)
+    assert hasattr(offloaded.language_model, "_hf_hook")
+    assert torch.equal(run(offloaded), run(pipe))
+
+
+def test_bad_lora_files_are_named(tmp_path):
+    pipe = fresh_pipe()
+    with pytest.raises(ValueError, match="Not a LoRA checkpoint"):
+        pipe.load_lora_weights({"diffusion_head.input_proj.weight": torch.zeros(4, 4)})
+    with pytest.raises(ValueError, match=r"layers for \['unet'\].*adaptable components"):
+        pipe.load_lora_weights({"unet.conv.lora_A.weight": torch.zeros(4, 4)})
+    with pytest.raises(ValueError, match="not found in the base model"):
+        pipe.load_lora_weights({"language_model.layers.0.mlp.fc9.lora_A.weight": torch.zeros(4, 64),
+                                "language_model.layers.0.mlp.fc9.lora_B.weight": torch.zeros(64, 4)})  # fmt: skip
+    # Saved for a deeper language model: its config targets q_proj, but layer 9 does not exist here.
+    q_proj = pipe.language_model.layers[0].self_attn.q_proj
+    BitDancePipeline.save_lora_weights(
+        tmp_path,
+        language_model_lora_layers={"layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, q_proj.in_features),
+                                    "layers.9.self_attn.q_proj.lora_B.weight": torch.zeros(q_proj.out_features, 4)},
+        language_model_lora_adapter_metadata={"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"layers\.9\.self_attn\.q_proj.* match no module of Qwen3Model"):
+        pipe.load_lora_weights(tmp_path)
+    with pytest.raises(ValueError, match="Nothing to save"):
+        BitDancePipeline.save_lora_weights(tmp_path)
+    with pytest.raises(TypeError, match="takes"):
+        BitDancePipeline.save_lora_weights(tmp_path, transformer_lora_layers={"a.lora_A.weight": torch.zeros(1)})
+
+
+def test_class_conditional_pipeline_adapts_transformer_and_head(tmp_path):
+    def fresh():
+        pipe = build_random_imagenet_pipeline(block_size=4)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def sample(pipe):
+        return pipe([1, 2], num_inference_steps=2, generator=generator(0), output_type="latent").images
+
+    pipe = fresh()
+    base = sample(pipe)
+    add_random_adapters(pipe, {"transformer": ["wqkv", "wo"], "diffusion_head": ["wqkv", "w1"]})
+    adapted = sample(pipe)
+    assert not torch.equal(adapted, base)
+    save_adapters(pipe, tmp_path)
+    loaded = fresh()
+    loaded.load_lora_weights(tmp_path)
+    assert type(loaded) is BitDanceImageNetPipeline and torch.equal(sample(loaded), adapted)
+
+
+def test_lora_training_trains_only_the_adapters_and_saves_a_lora_file(tmp_path):
+    dataset = ShapesDataset(2, resolution=64, seed=2)
+    config = TrainingConfig(output_dir=str(tmp_path), max_steps=4, batch_size=2, learning_rate=1e-2, warmup_steps=1)
+    pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
+    pipe.set_progress_bar_config(disable=True)
+    base_weights = {name: tensor.clone() for name, tensor in pipe.diffusion_head.state_dict().items()}
+    train_text_to_image(pipe, dataset, config, lora_rank=2)
+
+    head_state = pipe.diffusion_head.state_dict()
+    for name, tensor in head_state.items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, base_weights[name.replace(".base_layer", "")]), name
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in head_state.items())
+
+    def sample(pipe):
+        return pipe("a red circle", height=64, width=64, num_inference_steps=2, generator=generator(0),
+                    output_type="latent").images  # fmt: skip
+
+    loaded = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
+    loaded.set_progress_bar_config(disable=True)
+    loaded.load_lora_weights(tmp_path / "final")
+    assert loaded.get_list_adapters() == {"language_model": ["default_0"], "diffusion_head": ["default_0"]}
+    assert torch.equal(sample(loaded), sample(pipe))
+    with pytest.raises(ValueError, match="positive integer"):
+        train_text_to_image(build_random_pipeline("tiny"), dataset, config, lora_rank=0)
