@@ -1,8 +1,10 @@
 """LoRA adapters: diffusers' LoRA file format, load / fuse / switch / unload on both pipelines, LoRA training."""
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
+from PIL import Image
 from safetensors import safe_open
 
 from bitdance_diffusers import BitDanceImageNetPipeline, BitDancePipeline
@@ -186,3 +188,25 @@ def test_lora_training_trains_only_the_adapters_and_saves_a_lora_file(tmp_path):
     assert torch.equal(sample(loaded), sample(pipe))
     with pytest.raises(ValueError, match="positive integer"):
         train_text_to_image(build_random_pipeline("tiny"), dataset, config, lora_rank=0)
+
+
+def test_command_line_applies_lora_files(tmp_path, capsys):
+    from bitdance_diffusers import cli
+
+    pipe = fresh_pipe()
+    pipe.save_pretrained(tmp_path / "model")
+    add_random_adapters(pipe, LORA_TARGET_MODULES)
+    save_adapters(pipe, tmp_path / "lora")
+
+    def generate(*options):
+        output = tmp_path / "image.png"
+        cli.main(["generate", "--model", str(tmp_path / "model"), "--prompt", "a red circle", "--steps", "2",
+                  "--output", str(output), *options])  # fmt: skip
+        return np.asarray(Image.open(output))
+
+    base, adapted = generate(), generate("--lora", str(tmp_path / "lora"))
+    assert not np.array_equal(adapted, base)
+    assert np.array_equal(generate("--lora", str(tmp_path / "lora"), "--lora_scale", "0"), base)
+    with pytest.raises(SystemExit):
+        generate("--lora", str(tmp_path / "lora"), "--lora_scale", "1", "0.5")
+    assert "one per file" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The ``bitdance`` command: generate images and convert original checkpoints.
 
     bitdance generate --prompt "a red fox in the snow" --output fox.png [--model FOLDER] [--cuda_graphs]
-        [--offload {model,sequential}] [--quantize SCHEME] [--sampler flow-unipc --steps 10]
+        [--offload {model,sequential}] [--quantize SCHEME] [--sampler flow-unipc --steps 10] [--lora DIR]
     bitdance generate --model BitDance-B-4x-diffusers --class_labels "golden retriever" 980 --output dogs.png
     bitdance convert t2i --checkpoint_path BitDance-14B-64x --dump_path BitDance-14B-64x-diffusers
     bitdance convert imagenet --checkpoint_path BitDance_B_4x.pt --dump_path BitDance-B-4x-diffusers \
@@ -29,11 +29,14 @@ def load_pipeline(
     quantize: str | None = None,
     offload: str | None = None,
     cuda_graphs: bool = False,
+    loras: list[str] = (),
+    lora_scales: list[float] | None = None,
 ):
     """The pipeline at ``model`` (folder or Hub id), its heavy components quantized with the ``quantize`` scheme if
-    one is given, placed on ``device`` (or offloaded to it with ``offload`` = ``"model"`` or ``"sequential"``), with
-    CUDA graph replay if ``cuda_graphs``. Without a model: the shapes model shipped with the package when it is there,
-    else a tiny randomly initialised pipeline built in memory."""
+    one is given, with the LoRA adapters ``loras`` active at ``lora_scales`` (default 1 each), placed on ``device``
+    (or offloaded to it with ``offload`` = ``"model"`` or ``"sequential"``), with CUDA graph replay if
+    ``cuda_graphs``. Without a model: the shapes model shipped with the package when it is there, else a tiny randomly
+    initialised pipeline built in memory."""
     from diffusers import DiffusionPipeline
 
     from .pretrained import DEMO_MODEL_PATH
@@ -50,6 +53,8 @@ def load_pipeline(
         )
     if cuda_graphs and not on_cuda:
         raise ValueError(f"--cuda_graphs needs a CUDA GPU (--device {device} given); drop it on a CPU.")
+    if lora_scales is not None and len(lora_scales) != len(loras):
+        raise ValueError(f"Got {len(lora_scales)} --lora_scale values for {len(loras)} --lora files; give one per file.")
     if cuda_graphs and offload == "sequential":
         raise ValueError(
             "--cuda_graphs cannot replay a language model whose layers are moved to the GPU inside every forward "
@@ -83,6 +88,11 @@ def load_pipeline(
                 quantize, components=(backbone, "diffusion_head"), compute_dtype=dtype
             )
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, quantization_config=quantization_config)
+    if loras:
+        adapter_names = [f"lora_{index}" for index in range(len(loras))]
+        for path, adapter_name in zip(loras, adapter_names):
+            pipe.load_lora_weights(path, adapter_name=adapter_name)
+        pipe.set_adapters(adapter_names, lora_scales or [1.0] * len(loras))
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
@@ -106,7 +116,8 @@ def generate(args):
         )
     if args.class_labels is not None and args.model is None:
         raise ValueError("--class_labels needs --model with a converted ImageNet checkpoint (see README).")
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device, args.quantize, args.offload, args.cuda_graphs)
+    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device, args.quantize, args.offload, args.cuda_graphs,
+                         args.lora, args.lora_scale)  # fmt: skip
     class_conditional = isinstance(pipe, BitDanceImageNetPipeline)
     if class_conditional and args.class_labels is None:
         raise ValueError(f"{args.model} is a class-conditional ImageNet model: pass --class_labels, not --prompt.")
@@ -172,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, default=None,
                      help="Quantize the backbone and the head while loading (int8wo runs on CPU; see README).")
+    gen.add_argument("--lora", nargs="+", default=[], metavar="PATH",
+                     help="LoRA adapters to apply: folders or Hub ids holding pytorch_lora_weights.safetensors.")
+    gen.add_argument("--lora_scale", nargs="+", type=float, default=None, metavar="SCALE",
+                     help="Strength of each --lora (default: 1 each).")
     gen.add_argument("--offload", choices=["model", "sequential"], default=None,
                      help="CUDA: keep weights in host memory and move them to the GPU when used (model: per component, "
                           "the language model leaves only for the decode; sequential: per layer, least GPU memory).")
