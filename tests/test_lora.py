@@ -143,6 +143,30 @@ def test_bad_lora_files_are_named(tmp_path):
         BitDancePipeline.save_lora_weights(tmp_path, transformer_lora_layers={"a.lora_A.weight": torch.zeros(1)})
 
 
+def test_adapters_on_an_int8_weight_only_pipeline(tmp_path):
+    """The 24 GB mode with a LoRA: PEFT wraps torchao's int8 layers; the base weights stay int8."""
+    from peft.tuners.lora.torchao import TorchaoLoraLinear
+    from torchao.quantization import Int8Tensor
+
+    from bitdance_diffusers import pipeline_quantization_config
+
+    pipe = fresh_pipe()
+    pipe.save_pretrained(tmp_path / "model")
+    add_random_adapters(pipe, LORA_TARGET_MODULES)
+    save_adapters(pipe, tmp_path / "lora")
+    quantized = BitDancePipeline.from_pretrained(tmp_path / "model",
+                                                 quantization_config=pipeline_quantization_config("int8wo"))  # fmt: skip
+    quantized.set_progress_bar_config(disable=True)
+    base = run(quantized)
+    quantized.load_lora_weights(tmp_path / "lora")
+    for model in (quantized.language_model, quantized.diffusion_head):
+        layers = [module for module in model.modules() if isinstance(module, TorchaoLoraLinear)]
+        assert layers and all(isinstance(layer.base_layer.weight, Int8Tensor) for layer in layers)
+    assert not torch.equal(run(quantized), base)
+    quantized.set_adapters("default_0", 0.0)
+    assert torch.equal(run(quantized), base)
+
+
 def test_class_conditional_pipeline_adapts_transformer_and_head(tmp_path):
     def fresh():
         pipe = build_random_imagenet_pipeline(block_size=4)
