@@ -1,5 +1,9 @@
 """LoRA adapters: diffusers' LoRA file format, load / fuse / switch / unload on both pipelines, LoRA training."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +14,14 @@ from safetensors import safe_open
 from bitdance_diffusers import BitDanceImageNetPipeline, BitDancePipeline
 from bitdance_diffusers.loaders import adapter_state_and_config, add_lora_adapter
 from bitdance_diffusers.random_pipeline import build_random_imagenet_pipeline, build_random_pipeline
-from bitdance_diffusers.training import LORA_TARGET_MODULES, ShapesDataset, TrainingConfig, train_text_to_image
-from conftest import generator
+from bitdance_diffusers.training import (
+    LORA_TARGET_MODULES,
+    ImageCaptionFolder,
+    ShapesDataset,
+    TrainingConfig,
+    train_text_to_image,
+)
+from conftest import REPO, generator
 
 
 def fresh_pipe():
@@ -234,3 +244,72 @@ def test_command_line_applies_lora_files(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate("--lora", str(tmp_path / "lora"), "--lora_scale", "1", "0.5")
     assert "one per file" in capsys.readouterr().err
+
+
+def write_image_folder(folder, layout):
+    folder.mkdir()
+    captions = {"red.png": "a red square", "blue.jpg": "a blue square"}
+    for index, (name, caption) in enumerate(captions.items()):
+        pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+        pixels[..., 0 if index == 0 else 2] = 255
+        pixels[:, :8] = 255  # a white band on the left edge, which the centre crop cuts away
+        Image.fromarray(pixels).save(folder / name)
+        if layout == "txt":
+            (folder / name).with_suffix(".txt").write_text(caption + "\n")
+    if layout == "metadata":
+        lines = [json.dumps({"file_name": name, "text": caption}) for name, caption in captions.items()]
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return captions
+
+
+@pytest.mark.parametrize("layout", ["metadata", "txt"])
+def test_image_caption_folder_reads_both_layouts(tmp_path, layout):
+    captions = write_image_folder(tmp_path / "images", layout)
+    dataset = ImageCaptionFolder(tmp_path / "images", 32)
+    assert len(dataset) == 2
+    items = {item["caption"]: item["pixel_values"] for item in dataset}
+    assert set(items) == set(captions.values())
+    red = items["a red square"]
+    assert red.shape == (3, 32, 32) and red.dtype == torch.float32
+    # Scaled to cover 32x32 (64x32), then centre-cropped: pure red, the white band is gone.
+    assert torch.allclose(red[0], torch.ones(32, 32), atol=0.02) and torch.allclose(red[1:], -torch.ones(2, 32, 32), atol=0.02)
+
+
+def test_image_caption_folder_names_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageCaptionFolder(tmp_path / "missing", 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        ImageCaptionFolder(tmp_path / "empty", 32)
+    write_image_folder(tmp_path / "uncaptioned", "none")
+    with pytest.raises(FileNotFoundError, match=r"No caption for \['blue.jpg', 'red.png'\]"):
+        ImageCaptionFolder(tmp_path / "uncaptioned", 32)
+    write_image_folder(tmp_path / "meta", "metadata")
+    (tmp_path / "meta" / "red.png").unlink()
+    with pytest.raises(FileNotFoundError, match="names images that are not there"):
+        ImageCaptionFolder(tmp_path / "meta", 32)
+    (tmp_path / "meta" / "metadata.jsonl").write_text(json.dumps({"image": "blue.jpg"}))
+    with pytest.raises(ValueError, match="line 1: each line needs 'file_name' and 'text'"):
+        ImageCaptionFolder(tmp_path / "meta", 32)
+    write_image_folder(tmp_path / "broken", "txt")
+    (tmp_path / "broken" / "red.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="Cannot read the image"):
+        ImageCaptionFolder(tmp_path / "broken", 32)[1]
+
+
+def test_lora_example_trains_on_a_folder_and_resumes(tmp_path):
+    pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
+    pipe.save_pretrained(tmp_path / "model")
+    write_image_folder(tmp_path / "images", "txt")
+    command = [sys.executable, str(REPO / "examples" / "train_lora.py"), "--model", str(tmp_path / "model"),
+               "--data_dir", str(tmp_path / "images"), "--output_dir", str(tmp_path / "run"), "--rank", "2",
+               "--steps", "2", "--warmup_steps", "1", "--checkpoint_every", "1"]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "2 steps" in first.stdout
+    loaded = fresh_pipe()
+    loaded.load_lora_weights(tmp_path / "run" / "final")
+    assert loaded.get_list_adapters() == {"language_model": ["default_0"], "diffusion_head": ["default_0"]}
+    again = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "nothing left to train" in again.stdout
+    wrong_size = subprocess.run(command + ["--height", "128"], capture_output=True, text=True)
+    assert wrong_size.returncode == 2 and "128x128 is not a size of this model" in wrong_size.stderr

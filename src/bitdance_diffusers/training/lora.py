@@ -7,6 +7,9 @@ projector, the embeddings, the norms and the tokenizer stay as they are. The res
 
 from pathlib import Path
 
+import torch
+from diffusers.training_utils import cast_training_params
+
 from ..loaders.lora import adapter_state_and_config, add_lora_adapter, require_peft
 from ..pipelines.pipeline_bitdance import BitDancePipeline
 
@@ -18,7 +21,7 @@ LORA_TARGET_MODULES = {
 
 
 def add_trainable_lora(pipe: BitDancePipeline, rank: int, alpha: float | None = None, adapter_name: str = "default"):
-    """Freeze the language model, projector and head of ``pipe`` and add rank-``rank`` LoRA adapters (scale
+    """Freeze the language model, projector and head of ``pipe`` and add rank-``rank`` float32 LoRA adapters (scale
     ``alpha / rank``, default 1) to the layers of `LORA_TARGET_MODULES`; only the adapters then require gradients."""
     require_peft()
     from peft import LoraConfig
@@ -29,7 +32,10 @@ def add_trainable_lora(pipe: BitDancePipeline, rank: int, alpha: float | None = 
         module.requires_grad_(False)
     for name, targets in LORA_TARGET_MODULES.items():
         config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights="gaussian")
-        add_lora_adapter(getattr(pipe, name), config, adapter_name)
+        model = getattr(pipe, name)
+        add_lora_adapter(model, config, adapter_name)
+        # Adapters train in float32 beside bf16 base weights (PEFT casts the input and the output around them).
+        cast_training_params(model, dtype=torch.float32)
 
 
 def save_lora(pipe: BitDancePipeline, save_directory: str | Path, adapter_name: str = "default"):
