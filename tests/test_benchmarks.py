@@ -165,6 +165,19 @@ def test_shapes_quality_benchmark_with_a_swapped_sampler_and_quantization(tmp_pa
     assert all(0 <= row[metric] <= 1 for metric in ("color", "position", "background", "shape"))
 
 
+def test_lora_concept_benchmark_prints_before_and_after(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    output = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_lora_concept.py"), "--steps", "2", "--num_train", "4",
+         "--num_regular", "4", "--num_prompts", "2", "--inference_steps", "1", "--json", str(results)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "LoRA rank 8, 2 steps x 16 (4 scenes of 'crimson' = red, 4 ordinary)" in output
+    assert "'crimson' drawn red" in output and "ordinary prompts: shape" in output
+    row = json.loads(results.read_text())
+    assert set(row["before"]) == set(row["after"]) == {"new_word_color", "color", "position", "background", "shape"}
+
+
 def test_gemm_profile_times_every_product_of_a_head_call_and_a_block_step(tmp_path):
     results = tmp_path / "rows.jsonl"
     output = subprocess.run(

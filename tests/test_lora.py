@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -114,6 +115,26 @@ def test_adapters_of_one_component_and_named_adapters(tmp_path):
     assert loaded.get_list_adapters() == {"diffusion_head": ["style"]}
     assert torch.equal(run(loaded), run(pipe))
     loaded.delete_adapters("style")
+    assert torch.equal(run(loaded), run(fresh_pipe()))
+
+
+def test_several_named_adapters_mix_and_delete(tmp_path):
+    pipe = fresh_pipe()
+    add_random_adapters(pipe, LORA_TARGET_MODULES)
+    adapted = run(pipe)
+    save_adapters(pipe, tmp_path)
+    loaded = fresh_pipe()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded.load_lora_weights(tmp_path, adapter_name="style")
+        loaded.load_lora_weights(tmp_path, adapter_name="other")
+    assert not [w for w in caught if "peft_config" in str(w.message)]
+    assert loaded.get_list_adapters() == {"language_model": ["style", "other"], "diffusion_head": ["style", "other"]}
+    loaded.set_adapters(["style", "other"], [1.0, 0.0])
+    assert torch.equal(run(loaded), adapted)
+    loaded.delete_adapters("style")
+    assert loaded.get_list_adapters() == {"language_model": ["other"], "diffusion_head": ["other"]}
+    loaded.set_adapters("other", 0.0)
     assert torch.equal(run(loaded), run(fresh_pipe()))
 
 

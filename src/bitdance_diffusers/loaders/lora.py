@@ -10,6 +10,8 @@ model, takes them from PEFT directly (`add_lora_adapter`), which needs only the 
 """
 
 import os
+import warnings
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -27,6 +29,14 @@ def require_peft():
         raise ImportError("LoRA adapters need the peft library: pip install peft (or pip install -e '.[lora]').")
 
 
+@contextmanager
+def several_adapters_allowed():
+    """PEFT warns whenever a model that carries adapters gets one more; several named adapters are intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        yield
+
+
 def add_lora_adapter(model: torch.nn.Module, config, adapter_name: str = "default"):
     """Add a new LoRA adapter (``peft.LoraConfig``) to a diffusers model or a transformers backbone, for training or
     loading; its weights are the only trainable ones when the model was frozen before."""
@@ -39,7 +49,8 @@ def add_lora_adapter(model: torch.nn.Module, config, adapter_name: str = "defaul
     configs = getattr(model, "peft_config", {})
     if adapter_name in configs:
         raise ValueError(f"{type(model).__name__} already has an adapter named {adapter_name!r}; choose another name.")
-    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    with several_adapters_allowed():
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
     model.peft_config = {**configs, adapter_name: config}
     # The flag diffusers and transformers read to tell that a transformers model carries PEFT adapters.
     model._hf_peft_config_loaded = True
@@ -140,9 +151,11 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
         # Accelerate's offload hooks wrap the modules as they are: take them off while adapter layers are added.
         offloading = self._optionally_disable_offloading(self)
         try:
-            for name, model in zip(self._lora_loadable_modules, models):
-                if name in components:
-                    self._load_component_lora(name, model, state_dict, metadata, adapter_name, hotswap, low_cpu_mem_usage)
+            with several_adapters_allowed():
+                for name, model in zip(self._lora_loadable_modules, models):
+                    if name in components:
+                        self._load_component_lora(name, model, state_dict, metadata, adapter_name, hotswap,
+                                                  low_cpu_mem_usage)  # fmt: skip
         finally:
             self._reapply_offloading(*offloading)
 
