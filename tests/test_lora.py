@@ -36,9 +36,9 @@ def run(pipe):
                 output_type="latent").images  # fmt: skip
 
 
-def add_random_adapters(pipe, targets, rank=4):
+def add_random_adapters(pipe, targets, rank=4, seed=1):
     """Adapters with random (non-zero) weights, so that they change the result."""
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     for name, modules in targets.items():
         add_lora_adapter(getattr(pipe, name), LoraConfig(r=rank, lora_alpha=rank, target_modules=modules,
                                                          init_lora_weights=False))  # fmt: skip
@@ -136,6 +136,28 @@ def test_several_named_adapters_mix_and_delete(tmp_path):
     assert loaded.get_list_adapters() == {"language_model": ["other"], "diffusion_head": ["other"]}
     loaded.set_adapters("other", 0.0)
     assert torch.equal(run(loaded), run(fresh_pipe()))
+
+
+def test_hotswap_replaces_the_weights_in_place_even_at_another_rank(tmp_path):
+    results = {}
+    for name, rank, seed in (("a", 4, 1), ("b", 8, 2)):
+        pipe = fresh_pipe()
+        add_random_adapters(pipe, LORA_TARGET_MODULES, rank=rank, seed=seed)
+        save_adapters(pipe, tmp_path / name)
+        results[name] = run(pipe)
+    assert not torch.equal(results["a"], results["b"])
+
+    pipe = fresh_pipe()
+    pipe.enable_lora_hotswap(target_rank=8)  # pads the first adapter to the largest rank to come
+    pipe.load_lora_weights(tmp_path / "a", adapter_name="style")
+    assert torch.equal(run(pipe), results["a"])
+    modules = {name: [id(m) for m in getattr(pipe, name).modules()] for name in pipe._lora_loadable_modules}
+    pipe.load_lora_weights(tmp_path / "b", adapter_name="style", hotswap=True)
+    # The same modules (a compiled pipeline is not recompiled), now computing the second adapter.
+    assert modules == {name: [id(m) for m in getattr(pipe, name).modules()] for name in pipe._lora_loadable_modules}
+    assert torch.equal(run(pipe), results["b"])
+    with pytest.raises(ValueError, match="pass its adapter_name"):
+        pipe.load_lora_weights(tmp_path / "b", hotswap=True)
 
 
 def test_loading_after_model_offload_keeps_the_offload(tmp_path):

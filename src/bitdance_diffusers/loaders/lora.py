@@ -56,13 +56,44 @@ def add_lora_adapter(model: torch.nn.Module, config, adapter_name: str = "defaul
     model._hf_peft_config_loaded = True
 
 
-def load_lora_into_backbone(model: torch.nn.Module, state_dict: dict, metadata: dict | None, adapter_name: str):
-    """Add adapter ``adapter_name`` with the LoRA tensors ``state_dict`` (keys without the component prefix) to a
-    transformers backbone; the config comes from ``metadata`` or, without it, from the tensors' ranks."""
+def load_lora_into_backbone(
+    model: torch.nn.Module,
+    state_dict: dict,
+    metadata: dict | None,
+    adapter_name: str,
+    hotswap: bool = False,
+    hotswap_preparation: dict | None = None,
+):
+    """Give a transformers backbone the adapter ``adapter_name`` with the LoRA tensors ``state_dict`` (keys without the
+    component prefix); the config comes from ``metadata`` or, without it, from the tensors' ranks.
+
+    With ``hotswap`` the tensors replace those of the existing adapter ``adapter_name`` in place (no new modules, so a
+    compiled backbone is not recompiled). ``hotswap_preparation`` (the options of ``enable_lora_hotswap``) pads a newly
+    added adapter to the rank of later ones.
+    """
     from peft import set_peft_model_state_dict
+    from peft.utils.hotswap import (
+        check_hotswap_configs_compatible,
+        hotswap_adapter_from_state_dict,
+        prepare_model_for_compiled_hotswap,
+    )
 
     ranks = {f"^{key}": tensor.shape[1] for key, tensor in state_dict.items() if "lora_B" in key and tensor.ndim > 1}
     config = _create_lora_config(state_dict, None, metadata, ranks, is_unet=False)
+    if hotswap:
+        if adapter_name not in getattr(model, "peft_config", {}):
+            raise ValueError(
+                f"hotswap=True replaces the weights of the adapter {adapter_name!r}, which {type(model).__name__} "
+                "does not have; load the first adapter without hotswap, under the same adapter_name."
+            )
+        check_hotswap_configs_compatible(model.peft_config[adapter_name], config)
+        # The swap addresses the adapter's parameters by their full names: ...lora_A.<adapter_name>.weight
+        named = {
+            key.replace(".lora_A.", f".lora_A.{adapter_name}.").replace(".lora_B.", f".lora_B.{adapter_name}."): value
+            for key, value in state_dict.items()
+        }
+        hotswap_adapter_from_state_dict(model, named, adapter_name=adapter_name, config=config)
+        return
     add_lora_adapter(model, config, adapter_name)
     result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
     unexpected = [key for key in result.unexpected_keys if "lora_" in key]
@@ -71,6 +102,8 @@ def load_lora_into_backbone(model: torch.nn.Module, state_dict: dict, metadata: 
             f"The LoRA layers {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''} match no module of "
             f"{type(model).__name__}; the file was saved for a different model."
         )
+    if hotswap_preparation:
+        prepare_model_for_compiled_hotswap(model, config=model.peft_config, **hotswap_preparation)
 
 
 class BitDanceLoraLoaderMixin(LoraBaseMixin):
@@ -82,6 +115,7 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
     """
 
     _lora_loadable_modules: list[str] = []
+    _backbone_hotswap_preparation: dict | None = None
 
     @classmethod
     @validate_hf_hub_args
@@ -126,11 +160,13 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
                 (or ``weight_name``), or a state dict with component-prefixed keys.
             adapter_name: name under which the adapter is registered in every component (default ``default_<n>``,
                 the same ``n`` in all of them), for ``set_adapters`` and ``delete_adapters``.
-            hotswap: replace the weights of the already loaded adapter ``adapter_name`` in place (diffusers models
-                only; avoids recompiling a compiled head).
+            hotswap: replace the weights of the already loaded adapter ``adapter_name`` in place, which keeps a
+                compiled pipeline from recompiling (adapters of other ranks need ``enable_lora_hotswap`` first).
             kwargs: ``low_cpu_mem_usage`` and the loading options of `lora_state_dict`.
         """
         require_peft()
+        if hotswap and adapter_name is None:
+            raise ValueError("hotswap=True replaces a loaded adapter: pass its adapter_name.")
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
         state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, True, **kwargs)
         if not state_dict or not all("lora" in key for key in state_dict):
@@ -169,8 +205,6 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
                 hotswap=hotswap, low_cpu_mem_usage=low_cpu_mem_usage,
             )  # fmt: skip
             return
-        if hotswap:
-            raise ValueError(f"hotswap=True works for diffusers models only, not for {name}; load without it.")
         load_lora_into_backbone(
             model,
             {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)},
@@ -178,7 +212,20 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
             if has_config
             else None,
             adapter_name,
+            hotswap,
+            None if hotswap else self._take_backbone_hotswap_preparation(),
         )
+
+    def _take_backbone_hotswap_preparation(self) -> dict | None:
+        # Applied once, with the first adapter loaded after `enable_lora_hotswap` (as diffusers does for its models).
+        preparation, self._backbone_hotswap_preparation = self._backbone_hotswap_preparation, None
+        return preparation
+
+    def enable_lora_hotswap(self, **kwargs):
+        """Prepare every adaptable component for hot-swapping adapters of other ranks (``target_rank``) or scales
+        into a compiled pipeline; call before loading the first adapter. See diffusers' ``enable_lora_hotswap``."""
+        super().enable_lora_hotswap(**kwargs)
+        self._backbone_hotswap_preparation = kwargs
 
     def _reapply_offloading(self, model_offload: bool, sequential_offload: bool, group_offload: bool):
         device = getattr(self, "_offload_device", None)
