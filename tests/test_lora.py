@@ -160,6 +160,27 @@ def test_hotswap_replaces_the_weights_in_place_even_at_another_rank(tmp_path):
         pipe.load_lora_weights(tmp_path / "b", hotswap=True)
 
 
+def test_hotswap_into_a_compiled_pipeline_does_not_recompile(tmp_path):
+    for name, rank, seed in (("a", 4, 1), ("b", 8, 2)):
+        pipe = fresh_pipe()
+        add_random_adapters(pipe, LORA_TARGET_MODULES, rank=rank, seed=seed)
+        save_adapters(pipe, tmp_path / name)
+    pipe = fresh_pipe()
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(tmp_path / "a", adapter_name="style")
+    pipe.diffusion_head.compile(fullgraph=True)
+    for layer in pipe.language_model.layers:
+        layer.compile(fullgraph=True)
+    try:
+        first = run(pipe)
+        pipe.load_lora_weights(tmp_path / "b", adapter_name="style", hotswap=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = run(pipe)
+    finally:
+        torch._dynamo.reset()
+    assert not torch.equal(first, second)
+
+
 def test_loading_after_model_offload_keeps_the_offload(tmp_path):
     pipe = fresh_pipe()
     add_random_adapters(pipe, LORA_TARGET_MODULES)
