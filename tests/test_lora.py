@@ -192,8 +192,12 @@ def test_loading_after_model_offload_keeps_the_offload(tmp_path):
     assert torch.equal(run(offloaded), run(pipe))
 
 
-def test_bad_lora_files_are_named(tmp_path):
+def test_bad_lora_files_are_named(tmp_path, monkeypatch):
     pipe = fresh_pipe()
+    with monkeypatch.context() as patch:
+        patch.setattr("bitdance_diffusers.loaders.lora.is_peft_available", lambda: False)
+        with pytest.raises(ImportError, match="pip install peft"):
+            pipe.load_lora_weights(tmp_path)
     with pytest.raises(ValueError, match="Not a LoRA checkpoint"):
         pipe.load_lora_weights({"diffusion_head.input_proj.weight": torch.zeros(4, 4)})
     with pytest.raises(ValueError, match=r"layers for \['unet'\].*adaptable components"):
