@@ -13,6 +13,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
+from ..loaders.lora import BitDanceLoraLoaderMixin
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..models.diffusion_head import BitDanceDiffusionHead
 from ..models.embeddings import sincos_2d_sequence
@@ -21,7 +22,6 @@ from ..utils.attention_masks import additive_mask, block_causal_allowed
 from ..utils.cuda_graphs import CUDAGraphRunner
 from ..utils.grouped_query_attention import packed_gqa_attention
 from ..utils.token_layout import patch_size_for_block, sequence_to_grid
-from ..loaders.lora import BitDanceLoraLoaderMixin
 from .block_sampling import BlockAutoregressiveMixin
 
 

@@ -14,13 +14,13 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
 from transformers import DynamicCache
 
-from ..utils.imagenet_labels import IMAGENET_ID2LABEL
+from ..loaders.lora import BitDanceLoraLoaderMixin
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..models.diffusion_head import BitDanceDiffusionHead
 from ..models.imagenet_transformer import BitDanceImageNetTransformer
 from ..models.mlp_head import BitDanceMLPHead
+from ..utils.imagenet_labels import IMAGENET_ID2LABEL
 from ..utils.token_layout import sequence_to_grid
-from ..loaders.lora import BitDanceLoraLoaderMixin
 from .block_sampling import BlockAutoregressiveMixin
 
 
