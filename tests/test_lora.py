@@ -1,6 +1,7 @@
 """LoRA adapters: diffusers' LoRA file format, load / fuse / switch / unload on both pipelines, LoRA training."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -179,6 +180,28 @@ def test_hotswap_into_a_compiled_pipeline_does_not_recompile(tmp_path):
     finally:
         torch._dynamo.reset()
     assert not torch.equal(first, second)
+
+
+def test_adapters_load_by_hub_id_from_the_offline_cache(tmp_path):
+    pipe = fresh_pipe()
+    add_random_adapters(pipe, LORA_TARGET_MODULES)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--bitdance-style-lora"
+    save_adapters(pipe, repo / "snapshots" / commit)
+    # A community-style file name: offline, the weights are found by listing the cached snapshot.
+    snapshot = repo / "snapshots" / commit
+    (snapshot / "pytorch_lora_weights.safetensors").rename(snapshot / "bitdance_style.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = (
+        "from bitdance_diffusers.random_pipeline import build_random_pipeline\n"
+        "pipe = build_random_pipeline('tiny', block_size=16)\n"
+        "pipe.load_lora_weights('someone/bitdance-style-lora', adapter_name='style')\n"
+        "print(sorted(pipe.get_list_adapters().items()))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[('diffusion_head', ['style']), ('language_model', ['style'])]"
 
 
 def test_loading_after_model_offload_keeps_the_offload(tmp_path):

@@ -21,6 +21,8 @@ from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
 from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
 from diffusers.utils import is_peft_available
 from diffusers.utils.peft_utils import _create_lora_config
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
 from huggingface_hub.utils import validate_hf_hub_args
 
 
@@ -128,16 +130,23 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
         ``cache_dir``, ``revision``, ``token``, ``force_download``, ``proxies``.
         """
         use_safetensors = kwargs.pop("use_safetensors", None)
+        weight_name, local_files_only = kwargs.pop("weight_name", None), kwargs.pop("local_files_only", None)
+        cache_dir, revision = kwargs.pop("cache_dir", None), kwargs.pop("revision", None)
+        source = pretrained_model_name_or_path_or_dict
+        offline = local_files_only or hub_constants.HF_HUB_OFFLINE
+        if weight_name is None and offline and isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
+            # Offline the Hub cannot list the repo's files to find the weights: look in its cached snapshot instead.
+            source = snapshot_download(str(source), revision=revision, cache_dir=cache_dir, local_files_only=True)
         state_dict, metadata = _fetch_state_dict(
-            pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
-            weight_name=kwargs.pop("weight_name", None),
+            pretrained_model_name_or_path_or_dict=source,
+            weight_name=weight_name,
             use_safetensors=True if use_safetensors is None else use_safetensors,
-            local_files_only=kwargs.pop("local_files_only", None),
-            cache_dir=kwargs.pop("cache_dir", None),
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
             force_download=kwargs.pop("force_download", False),
             proxies=kwargs.pop("proxies", None),
             token=kwargs.pop("token", None),
-            revision=kwargs.pop("revision", None),
+            revision=revision,
             subfolder=kwargs.pop("subfolder", None),
             user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
             allow_pickle=use_safetensors is None,
