@@ -204,6 +204,34 @@ def test_adapters_load_by_hub_id_from_the_offline_cache(tmp_path):
     assert result.stdout.strip() == "[('diffusion_head', ['style']), ('language_model', ['style'])]"
 
 
+def test_every_change_of_the_adapters_drops_captured_cuda_graphs(tmp_path):
+    """A head graph replays the adapters and scales of its capture: each change must start a fresh runner."""
+    pipe = fresh_pipe()
+    add_random_adapters(pipe, LORA_TARGET_MODULES)
+    save_adapters(pipe, tmp_path)
+    pipe = fresh_pipe()
+    pipe.enable_cuda_graphs()  # nothing is captured before a CUDA call; the runner object is what gets replaced
+    changes = [
+        lambda: pipe.load_lora_weights(tmp_path, adapter_name="style"),
+        lambda: pipe.set_adapters("style", 0.5),
+        lambda: pipe.fuse_lora(),
+        lambda: pipe.unfuse_lora(),
+        lambda: pipe.disable_lora(),
+        lambda: pipe.enable_lora(),
+        lambda: pipe.set_lora_device(["style"], "cpu"),
+        lambda: pipe.delete_adapters("style"),
+        lambda: pipe.load_lora_weights(tmp_path, adapter_name="other"),
+        lambda: pipe.unload_lora_weights(),
+    ]
+    for change in changes:
+        runner = pipe._head_cuda_graphs
+        change()
+        assert pipe._head_cuda_graphs is not runner and pipe._head_cuda_graphs.module is pipe.diffusion_head
+    pipe.disable_cuda_graphs()
+    pipe.load_lora_weights(tmp_path)
+    assert pipe._head_cuda_graphs is None
+
+
 def test_loading_after_model_offload_keeps_the_offload(tmp_path):
     pipe = fresh_pipe()
     add_random_adapters(pipe, LORA_TARGET_MODULES)

@@ -158,6 +158,13 @@ class BlockAutoregressiveMixin:
         self._head_cuda_graphs = None
         self._cuda_graphs = self._static_kv_cache = False
 
+    def reset_cuda_graphs(self):
+        """Drop the head's captured graphs: they replay the weights, LoRA adapters and adapter scales of their capture.
+        The next call captures anew. Every change of the LoRA adapters calls this; the backbone's graph is captured
+        per call anyway."""
+        if self._head_cuda_graphs is not None:
+            self._head_cuda_graphs = CUDAGraphRunner(self.diffusion_head)
+
     def sample_blocks(
         self,
         condition: torch.Tensor,
