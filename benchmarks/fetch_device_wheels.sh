@@ -11,7 +11,8 @@ download() {
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .whl "$@"
 }
-download diffusers==0.42.1 transformers==5.24.0 torchao==0.17.0 importlib_metadata==10.2.0 bitsandbytes==0.50.2
+download diffusers==0.42.1 transformers==5.24.0 torchao==0.17.0 importlib_metadata==10.2.0 bitsandbytes==0.50.2 \
+    peft==0.21.2
 wheel=$(ls .whl/bitsandbytes-*.whl)
 zip -q -d "$wheel" 'bitsandbytes/libbitsandbytes_cuda1[12]*.so' 'bitsandbytes/libbitsandbytes_rocm*.so' \
     'bitsandbytes/libbitsandbytes_xpu*.so' || true
