@@ -250,6 +250,18 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
                 if isinstance(component, torch.nn.Module):
                     _maybe_remove_and_reapply_group_offloading(component)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """`DiffusionPipeline.save_pretrained`, refused while adapters are attached: the folder would hold the base
+        weights beside adapter layers (or, for the language model, the adapter alone) instead of a usable model."""
+        adapters = self.get_list_adapters()
+        if adapters:
+            raise ValueError(
+                f"The pipeline carries LoRA adapters {adapters}. Save them on their own with save_lora_weights "
+                "(bitdance_diffusers.training.save_lora(pipe, folder) does it for every component), or merge them "
+                "into the weights first with pipe.fuse_lora(); pipe.unload_lora_weights()."
+            )
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def save_lora_weights(
         cls,

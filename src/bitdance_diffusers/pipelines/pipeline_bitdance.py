@@ -55,7 +55,7 @@ def _cache_argument_name(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-class BitDancePipeline(BlockAutoregressiveMixin, DiffusionPipeline, BitDanceLoraLoaderMixin):
+class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, DiffusionPipeline):
     r"""
     Text-to-image with BitDance: a Qwen3 language model reads the prompt and then, block by block, the image's binary
     tokens in patch-raster order; a diffusion head samples the ``P`` tokens of each block jointly from the model's

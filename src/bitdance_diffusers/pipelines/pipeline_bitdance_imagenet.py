@@ -40,7 +40,7 @@ EXAMPLE_DOC_STRING = """
 GUIDANCE_SCHEDULES = ("linear", "constant")
 
 
-class BitDanceImageNetPipeline(BlockAutoregressiveMixin, DiffusionPipeline, BitDanceLoraLoaderMixin):
+class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, DiffusionPipeline):
     r"""
     Class-conditional image generation with BitDance: a LlamaGen-style transformer reads 64 class tokens and then,
     block by block, the image's binary tokens in patch-raster order; a diffusion head samples the ``P`` tokens of each
