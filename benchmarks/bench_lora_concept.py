@@ -98,14 +98,16 @@ def main():
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
         config = TrainingConfig(output_dir=output_dir, max_steps=args.steps, batch_size=args.batch_size,
-                                learning_rate=args.learning_rate, warmup_steps=20, checkpoint_every=args.steps)  # fmt: skip
+                                learning_rate=args.learning_rate, warmup_steps=20,
+                                checkpoint_every=args.steps)  # fmt: skip
         losses = train_text_to_image(pipe, dataset, config, lora_rank=args.rank)
     training_seconds = time.perf_counter() - started
     after = measure()
 
+    first, last = losses[:20], losses[-20:]
     print(f"LoRA rank {args.rank}, {args.steps} steps x {args.batch_size} ({args.num_train} scenes of '{args.word}' = "
-          f"{args.color}, {args.num_regular} ordinary), {training_seconds:.0f} s; mean loss of the first and last 20 steps "
-          f"{sum(losses[:20]) / len(losses[:20]):.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+          f"{args.color}, {args.num_regular} ordinary), {training_seconds:.0f} s; mean loss of the first and last "
+          f"20 steps {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f}")
     print(f"{'held-out score':<32}{'before':>8}{'after':>8}")
     for key in before:
         label = f"'{args.word}' drawn {args.color}" if key == "new_word_color" else f"ordinary prompts: {key}"

@@ -115,7 +115,8 @@ def test_saving_the_pipeline_wants_the_adapters_merged_or_saved_apart(tmp_path):
     pipe = fresh_pipe()
     add_random_adapters(pipe, LORA_TARGET_MODULES)
     adapted = model_outputs(pipe)
-    with pytest.raises(ValueError, match=r"carries LoRA adapters.*save_lora_weights.*fuse_lora\(\); pipe.unload_lora_weights"):
+    merge_or_save_apart = r"carries LoRA adapters.*save_lora_weights.*fuse_lora\(\); pipe.unload_lora_weights"
+    with pytest.raises(ValueError, match=merge_or_save_apart):
         pipe.save_pretrained(tmp_path / "unmerged")
     assert not (tmp_path / "unmerged").exists()
     pipe.fuse_lora()
@@ -305,8 +306,8 @@ def test_adapters_on_an_int8_weight_only_pipeline(tmp_path):
     pipe.save_pretrained(tmp_path / "model")
     add_random_adapters(pipe, LORA_TARGET_MODULES)
     save_adapters(pipe, tmp_path / "lora")
-    quantized = BitDancePipeline.from_pretrained(tmp_path / "model",
-                                                 quantization_config=pipeline_quantization_config("int8wo"))  # fmt: skip
+    config = pipeline_quantization_config("int8wo")
+    quantized = BitDancePipeline.from_pretrained(tmp_path / "model", quantization_config=config)
     quantized.set_progress_bar_config(disable=True)
     base = run(quantized)
     quantized.load_lora_weights(tmp_path / "lora")
@@ -413,7 +414,8 @@ def test_image_caption_folder_reads_both_layouts(tmp_path, layout):
     red = items["a red square"]
     assert red.shape == (3, 32, 32) and red.dtype == torch.float32
     # Scaled to cover 32x32 (64x32), then centre-cropped: pure red, the white band is gone.
-    assert torch.allclose(red[0], torch.ones(32, 32), atol=0.02) and torch.allclose(red[1:], -torch.ones(2, 32, 32), atol=0.02)
+    assert torch.allclose(red[0], torch.ones(32, 32), atol=0.02)
+    assert torch.allclose(red[1:], -torch.ones(2, 32, 32), atol=0.02)
 
 
 def test_image_caption_folder_names_what_is_wrong(tmp_path):

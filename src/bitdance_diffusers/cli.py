@@ -54,7 +54,9 @@ def load_pipeline(
     if cuda_graphs and not on_cuda:
         raise ValueError(f"--cuda_graphs needs a CUDA GPU (--device {device} given); drop it on a CPU.")
     if lora_scales is not None and len(lora_scales) != len(loras):
-        raise ValueError(f"Got {len(lora_scales)} --lora_scale values for {len(loras)} --lora files; give one per file.")
+        raise ValueError(
+            f"Got {len(lora_scales)} --lora_scale values for {len(loras)} --lora files; give one per file."
+        )
     if cuda_graphs and offload == "sequential":
         raise ValueError(
             "--cuda_graphs cannot replay a language model whose layers are moved to the GPU inside every forward "

@@ -124,7 +124,10 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
     @classmethod
     @validate_hf_hub_args
     def lora_state_dict(
-        cls, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict, return_lora_metadata: bool = False, **kwargs
+        cls,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
+        return_lora_metadata: bool = False,
+        **kwargs,
     ):
         """The LoRA tensors (and with ``return_lora_metadata`` the adapter configs) of a folder, Hub repo or dict.
 
