@@ -256,7 +256,11 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """`DiffusionPipeline.save_pretrained`, refused while adapters are attached: the folder would hold the base
         weights beside adapter layers (or, for the language model, the adapter alone) instead of a usable model."""
-        adapters = self.get_list_adapters()
+        adapters = {}  # read directly, not through get_list_adapters, which needs PEFT installed
+        for name in self._lora_loadable_modules:
+            configs = getattr(getattr(self, name, None), "peft_config", None)
+            if configs:
+                adapters[name] = list(configs)
         if adapters:
             raise ValueError(
                 f"The pipeline carries LoRA adapters {adapters}. Save them on their own with save_lora_weights "
