@@ -390,6 +390,25 @@ def test_command_line_applies_lora_files(tmp_path, capsys):
     assert "one per file" in capsys.readouterr().err
 
 
+def test_lora_training_resumes_exactly(tmp_path):
+    dataset = ShapesDataset(2, resolution=64, seed=2)
+
+    def train(output_dir, max_steps):
+        pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
+        config = TrainingConfig(output_dir=str(output_dir), max_steps=max_steps, batch_size=2, learning_rate=1e-2,
+                                warmup_steps=1, checkpoint_every=2)  # fmt: skip
+        return train_text_to_image(pipe, dataset, config, lora_rank=2)
+
+    whole = train(tmp_path / "whole", 4)
+    train(tmp_path / "split", 2)
+    resumed = train(tmp_path / "split", 4)  # a fresh pipeline resumes from checkpoint-2
+    assert resumed == whole[2:]
+    with safe_open(str(tmp_path / "whole" / "final" / "pytorch_lora_weights.safetensors"), "pt") as a:
+        with safe_open(str(tmp_path / "split" / "final" / "pytorch_lora_weights.safetensors"), "pt") as b:
+            assert set(a.keys()) == set(b.keys())
+            assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
+
+
 def write_image_folder(folder, layout):
     folder.mkdir()
     captions = {"red.png": "a red square", "blue.jpg": "a blue square"}
