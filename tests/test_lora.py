@@ -409,6 +409,30 @@ def test_lora_training_resumes_exactly(tmp_path):
             assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
 
 
+@pytest.mark.parametrize("lora_rank", [None, 2], ids=["full", "lora"])
+def test_gradient_checkpointing_trains_the_same(tmp_path, lora_rank):
+    """Recomputing activations changes memory, not results: same losses and weights as without it."""
+    dataset = ShapesDataset(2, resolution=64, seed=2)
+    pipes, layer_calls = {}, {}
+    for checkpointing in (False, True):
+        pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
+        calls = layer_calls[checkpointing] = []
+        # Modules inside a checkpointed layer (transformers keeps the layer's own hooks outside the checkpoint).
+        for inner in (pipe.language_model.layers[0].mlp, pipe.diffusion_head.res_blocks[0].attn):
+            inner.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(type(module).__name__))
+        config = TrainingConfig(output_dir=str(tmp_path / str(checkpointing)), max_steps=3, batch_size=2,
+                                learning_rate=1e-2, warmup_steps=1, gradient_checkpointing=checkpointing)  # fmt: skip
+        pipes[checkpointing] = (pipe, train_text_to_image(pipe, dataset, config, lora_rank=lora_rank))
+    (plain, plain_losses), (checkpointed, checkpointed_losses) = pipes[False], pipes[True]
+    # Each checkpointed layer runs twice per step: in the forward pass and again in the backward pass.
+    assert sorted(layer_calls[True]) == sorted(layer_calls[False] * 2)
+    assert checkpointed_losses == plain_losses and len(set(plain_losses)) == 3
+    for name in ("language_model", "diffusion_head"):
+        trained = getattr(plain, name).state_dict()
+        for key, tensor in getattr(checkpointed, name).state_dict().items():
+            assert torch.equal(tensor, trained[key]), key
+
+
 def write_image_folder(folder, layout):
     folder.mkdir()
     captions = {"red.png": "a red square", "blue.jpg": "a blue square"}
@@ -467,7 +491,7 @@ def test_lora_example_trains_on_a_folder_and_resumes(tmp_path):
     write_image_folder(tmp_path / "images", "txt")
     command = [sys.executable, str(REPO / "examples" / "train_lora.py"), "--model", str(tmp_path / "model"),
                "--data_dir", str(tmp_path / "images"), "--output_dir", str(tmp_path / "run"), "--rank", "2",
-               "--steps", "2", "--warmup_steps", "1", "--checkpoint_every", "1"]  # fmt: skip
+               "--steps", "2", "--warmup_steps", "1", "--checkpoint_every", "1", "--gradient_checkpointing"]  # fmt: skip
     first = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "2 steps" in first.stdout
     loaded = fresh_pipe()
