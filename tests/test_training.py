@@ -241,3 +241,10 @@ def test_foreground_weights_mark_the_shapes():
     on_shape = (images - background).abs().amax(1, keepdim=True) > 0.5
     assert weights.shape == (4, 1, 64, 64) and set(weights.unique().tolist()) == {1.0, 10.0}
     assert torch.equal(weights == 10, on_shape)
+
+
+def test_tokenizer_training_refuses_gradient_checkpointing(tmp_path):
+    config = TrainingConfig(output_dir=str(tmp_path), max_steps=1, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="set gradient_checkpointing=False"):
+        train_tokenizer(tiny_vae(), ShapesDataset(1, resolution=64), config)
+    assert not any(tmp_path.iterdir())
