@@ -13,6 +13,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
 import bitdance_diffusers
 from bitdance_diffusers import BinaryFlowScheduler, BitDancePipeline
 from bitdance_diffusers.random_pipeline import build_byte_tokenizer
@@ -161,6 +163,38 @@ def test_interrupt_from_a_callback_ends_the_loop_and_decodes_the_sampled_blocks(
     assert images.shape == (1, 128, 128, 3) and np.allclose(images, expected, atol=1e-6)
     # The next call starts uninterrupted.
     assert torch.equal(grid_to_sequence(run(tiny_pipe, generator=generator(0)), 16), full)
+
+
+class RecordBlocks(PipelineCallback):
+    tensor_inputs = ["latents"]
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = []
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        self.blocks.append(step_index)
+        return callback_kwargs
+
+
+class StopAtCutoff(PipelineCallback):
+    """Interrupts at ``cutoff_step_ratio`` of the pipeline's steps (its blocks), as diffusers' cutoff callbacks count."""
+
+    tensor_inputs = ["latents"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
+            pipeline._interrupt = True
+        return callback_kwargs
+
+
+def test_diffusers_callback_objects_run_per_block(tiny_pipe):
+    recorder = RecordBlocks()
+    codes = run(tiny_pipe, generator=generator(0),
+                callback_on_step_end=MultiPipelineCallbacks([recorder, StopAtCutoff(cutoff_step_ratio=0.5)]))  # fmt: skip
+    assert recorder.blocks == [0, 1, 2]  # 4 blocks; cut off after block 2
+    sequence = grid_to_sequence(codes, 16)
+    assert bool((sequence[:, :48] != 0).all()) and bool((sequence[:, 48:] == 0).all())
 
 
 def test_save_load_round_trip_and_diffusion_pipeline_resolution(tiny_pipe, tmp_path):
