@@ -12,7 +12,6 @@ from diffusers import (
     FlowMatchHeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
-
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 import bitdance_diffusers
