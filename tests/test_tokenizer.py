@@ -102,6 +102,20 @@ def test_encode_rejects_bad_images(images, message):
 
 
 @pytest.mark.parametrize(
+    "images,message",
+    [
+        (Image.new("RGB", (32, 32)), "got Image; convert PIL images or arrays with diffusers' VaeImageProcessor"),
+        (np.zeros((1, 3, 32, 32), np.float32), "got ndarray"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), r"got torch.uint8; for 0..255 pixels pass images.float\(\)"),
+    ],
+)
+def test_encode_names_the_conversion_of_other_image_types(images, message):
+    vae = BitDanceTokenizer(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8)
+    with pytest.raises(TypeError, match=message):
+        vae.encode(images)
+
+
+@pytest.mark.parametrize(
     "codes,message",
     [
         (torch.ones(1, 4, 2, 2), "8 code channels"),

@@ -248,12 +248,23 @@ class BitDanceTokenizer(ModelMixin, AutoencoderMixin, ConfigMixin):
         )
 
     def _check_images(self, images: torch.Tensor):
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(
+                f"encode expects a tensor [B, 3, H, W] in [-1, 1], got {type(images).__name__}; convert PIL images or "
+                "arrays with diffusers' VaeImageProcessor().preprocess(image) (pipe.image_processor in a pipeline)."
+            )
+        if not images.is_floating_point():
+            raise TypeError(
+                f"encode expects floating-point images in [-1, 1], got {images.dtype}; for 0..255 pixels pass "
+                "images.float() / 127.5 - 1."
+            )
         if images.ndim != 4:
             raise ValueError(f"encode expects images of shape [B, 3, H, W], got shape {tuple(images.shape)}.")
         if images.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"encode expects {self.config.in_channels} image channels, got {images.shape[1]} "
-                f"(shape {tuple(images.shape)}); convert to RGB and pass [B, 3, H, W]."
+                f"(shape {tuple(images.shape)}); convert to RGB and pass [B, 3, H, W] (channels last: "
+                "images.permute(0, 3, 1, 2))."
             )
         factor = self.downsample_factor
         height, width = images.shape[-2:]
