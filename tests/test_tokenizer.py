@@ -113,6 +113,8 @@ def test_encode_names_the_conversion_of_other_image_types(images, message):
     vae = BitDanceTokenizer(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8)
     with pytest.raises(TypeError, match=message):
         vae.encode(images)
+    with pytest.raises(TypeError, match="decode expects a tensor of ±1 codes"):
+        vae.decode(np.ones((1, 8, 16, 16), np.float32))
 
 
 @pytest.mark.parametrize(

@@ -275,6 +275,8 @@ class BitDanceTokenizer(ModelMixin, AutoencoderMixin, ConfigMixin):
             )
 
     def _check_codes(self, codes: torch.Tensor):
+        if not isinstance(codes, torch.Tensor):
+            raise TypeError(f"decode expects a tensor of ±1 codes [B, C, h, w], got {type(codes).__name__}.")
         if codes.ndim != 4:
             raise ValueError(f"decode expects codes of shape [B, {self.config.z_channels}, h, w], got {tuple(codes.shape)}.")
         if codes.shape[1] != self.config.z_channels:
