@@ -228,6 +228,8 @@ def test_errors_name_the_fix(tiny_imagenet):
         run(tiny_imagenet, guidance_schedule="cosine")
     with pytest.raises(ValueError, match="`num_images_per_label` must be a positive integer, got 0"):
         run(tiny_imagenet, num_images_per_label=0)
+    with pytest.raises(TypeError, match="torch.Generator or a list of them, got \\[0, 1\\]"):
+        run(tiny_imagenet, [1, 2], generator=[0, 1])
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         run(tiny_imagenet, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["condition"])
     unnamed = build_random_imagenet_pipeline(num_classes=10)

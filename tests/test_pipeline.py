@@ -230,6 +230,8 @@ def test_errors_name_the_fix(tiny_pipe):
         run(tiny_pipe, 3)
     with pytest.raises(ValueError, match="`num_images_per_prompt` must be a positive integer, got 0"):
         run(tiny_pipe, num_images_per_prompt=0)
+    with pytest.raises(TypeError, match=r"got 42; for a seed pass torch.Generator\(device\).manual_seed\(seed\)"):
+        run(tiny_pipe, generator=42)
 
 
 def test_tokenizer_without_query_tokens_is_rejected(tiny_pipe):

@@ -117,6 +117,16 @@ class BlockAutoregressiveMixin:
         image = self.vae.decode(codes.to(self.vae.dtype), generator=generator).sample
         return self.image_processor.postprocess(image.float(), output_type=output_type)
 
+    @staticmethod
+    def check_generator_type(generator):
+        """Raise unless ``generator`` is ``None``, a ``torch.Generator`` or a list of them (a seed is a common slip)."""
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(item is None or isinstance(item, torch.Generator) for item in generators):
+            raise TypeError(
+                f"`generator` must be a torch.Generator or a list of them, got {generator!r}; for a seed pass "
+                "torch.Generator(device).manual_seed(seed)."
+            )
+
     def check_scheduler(self):
         """Raise if ``self.scheduler`` cannot sample a block, which would otherwise give noise without an error.
 

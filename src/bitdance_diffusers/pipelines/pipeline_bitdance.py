@@ -203,6 +203,7 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         num_images = num_prompts * num_images_per_prompt
+        self.check_generator_type(generator)
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(
                 f"Got a list of {len(generator)} generators for {num_images} images ({num_prompts} prompts x "

@@ -162,6 +162,7 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
             raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        self.check_generator_type(generator)
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(
                 f"Got a list of {len(generator)} generators for {num_images} images; pass one generator, or exactly "
