@@ -55,6 +55,9 @@ def test_guidance_and_negative_prompt_change_the_result(tiny_pipe):
     base = run(tiny_pipe, generator=generator(0))
     assert not torch.equal(base, run(tiny_pipe, generator=generator(0), guidance_scale=1.0))
     assert not torch.equal(base, run(tiny_pipe, generator=generator(0), negative_prompt="blurry"))
+    # An empty negative prompt means none (the prompt-free template), also per prompt in a batch.
+    assert torch.equal(base, run(tiny_pipe, generator=generator(0), negative_prompt=""))
+    assert torch.equal(base, run(tiny_pipe, ["a red circle"], generator=generator(0), negative_prompt=["  "]))
 
 
 @pytest.mark.parametrize(

@@ -170,7 +170,8 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
         """Token ids of every language-model row: conditional rows then (with CFG) unconditional rows.
 
         Conditional text is ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``; the default
-        unconditional text is ``<|im_start|>assistant\\n`` (the user turn removed, as in training's text dropout).
+        unconditional text, also for an empty negative prompt, is ``<|im_start|>assistant\\n`` (the user turn removed,
+        as in training's text dropout).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         texts = [USER_TEMPLATE.format(p) for p in prompts for _ in range(num_images_per_prompt)]
@@ -179,7 +180,8 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
                 negatives = [UNCONDITIONAL_PROMPT] * len(prompts)
             else:
                 negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-                negatives = [USER_TEMPLATE.format(n) for n in negatives]
+                # An empty negative prompt means none: the prompt-free template the model was trained with.
+                negatives = [USER_TEMPLATE.format(n) if n.strip() else UNCONDITIONAL_PROMPT for n in negatives]
             texts += [n for n in negatives for _ in range(num_images_per_prompt)]
         return [self.tokenizer.encode(text) for text in texts]
 
@@ -341,8 +343,8 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
 
         Args:
             prompt (`str` or `list[str]`): what to draw.
-            negative_prompt (`str` or `list[str]`, *optional*): text of the unconditional branch; by default the
-                original's prompt-free template ``<|im_start|>assistant\n``.
+            negative_prompt (`str` or `list[str]`, *optional*): text of the unconditional branch; by default (and for
+                an empty string) the original's prompt-free template ``<|im_start|>assistant\n``.
             height (`int`, *optional*), width (`int`, *optional*): output size; one of ``config.image_sizes``
                 (default 1024x1024 when supported, else the first supported size).
             num_inference_steps (`int`, defaults to 50): flow steps of the head per block (the default scheduler adds
