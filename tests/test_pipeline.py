@@ -225,6 +225,12 @@ def test_model_cpu_offload_declaration(tiny_pipe):
 def test_errors_name_the_fix(tiny_pipe):
     with pytest.raises(ValueError, match="not supported by this model; choose one of: 128x128"):
         run(tiny_pipe, height=96, width=96)
+    with pytest.raises(ValueError, match=r"register_to_config\(image_sizes=pipe.config.image_sizes \+ \[\[384, 128\]\]\)"):
+        run(tiny_pipe, height=384, width=128)
+    sizes = tiny_pipe.config.image_sizes
+    tiny_pipe.register_to_config(image_sizes=sizes + [[384, 128]])
+    assert run(tiny_pipe, height=384, width=128).shape == (1, 32, 24, 8)
+    tiny_pipe.register_to_config(image_sizes=sizes)
     with pytest.raises(ValueError, match="empty list"):
         run(tiny_pipe, [])
     with pytest.raises(ValueError, match="list of 2 generators for 3 images"):

@@ -195,7 +195,11 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
             raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {num_prompts} prompts.")
         if [height, width] not in self.config.image_sizes:
             sizes = ", ".join(f"{h}x{w}" for h, w in self.config.image_sizes)
-            raise ValueError(f"Size {height}x{width} (height x width) is not supported by this model; choose one of: {sizes}.")
+            raise ValueError(
+                f"Size {height}x{width} (height x width) is not supported by this model; choose one of: {sizes}. To try "
+                "a size it was not trained at: pipe.register_to_config(image_sizes=pipe.config.image_sizes + "
+                f"[[{height}, {width}]])."
+            )
         patch = patch_size_for_block(self.config.block_size) * self.vae_scale_factor
         if height % patch or width % patch:
             raise ValueError(
