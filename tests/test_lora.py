@@ -479,6 +479,9 @@ def test_image_caption_folder_names_what_is_wrong(tmp_path):
     (tmp_path / "meta" / "metadata.jsonl").write_text(json.dumps({"image": "blue.jpg"}))
     with pytest.raises(ValueError, match="line 1: each line needs 'file_name' and 'text'"):
         ImageCaptionFolder(tmp_path / "meta", 32)
+    (tmp_path / "meta" / "metadata.jsonl").write_text('{"file_name": "blue.jpg", "text": "a blue square"}\n{oops\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        ImageCaptionFolder(tmp_path / "meta", 32)
     write_image_folder(tmp_path / "broken", "txt")
     (tmp_path / "broken" / "red.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="Cannot read the image"):

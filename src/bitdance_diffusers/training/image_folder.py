@@ -24,8 +24,11 @@ def read_captions(folder: Path) -> list[tuple[Path, str]]:
         for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if "file_name" not in record or "text" not in record:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{metadata}, line {number} is not JSON ({error}): {line[:80]!r}") from error
+            if not isinstance(record, dict) or "file_name" not in record or "text" not in record:
                 raise ValueError(f"{metadata}, line {number}: each line needs 'file_name' and 'text', got {record}.")
             pairs.append((folder / record["file_name"], record["text"]))
         missing = [str(path) for path, _ in pairs if not path.is_file()]
