@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,16 @@ def tiny_pipe():
 
 def generator(seed):
     return torch.Generator().manual_seed(seed)
+
+
+def offline_hub_cache(root: Path, repo_id: str) -> tuple[Path, dict]:
+    """A Hugging Face cache under ``root``, laid out as huggingface_hub does, with ``repo_id`` at one commit.
+
+    Returns the repo's snapshot folder (not created yet: copy or save its files there) and the environment under which
+    a subprocess reads the cache offline.
+    """
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit, {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1"}

@@ -14,13 +14,18 @@ from bitdance_diffusers.random_pipeline import build_random_pipeline
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def benchmark_output(script: str, *options: str) -> str:
+    """The standard output of ``benchmarks/<script> <options>``, which must exit successfully."""
+    command = [sys.executable, str(BENCHMARKS / script), *options]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
 def test_t2i_benchmark_prints_complete_tables(tmp_path):
     results = tmp_path / "rows.jsonl"
-    output = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_t2i.py"), "--config", "tiny", "--height", "128", "--width", "128",
-         "--steps", "2", "--scaling", "--batches", "1,2", "--json", str(results)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    output = benchmark_output(
+        "bench_t2i.py", "--config", "tiny", "--height", "128", "--width", "128", "--steps", "2", "--scaling",
+        "--batches", "1,2", "--json", str(results),
+    )
     for part in ("total", "prefill", "llm_step", "head", "decode", "overhead (rest)", "per-block time", "scaling"):
         assert part in output, part
     row = json.loads(results.read_text().splitlines()[0])
@@ -40,11 +45,10 @@ def test_cuda_graphs_refuse_cpu_tensors():
 
 def test_quantization_benchmark_prints_its_table(tmp_path):
     results = tmp_path / "rows.jsonl"
-    output = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_quantization.py"), "--config", "tiny", "--height", "128", "--width",
-         "128", "--steps", "2", "--schemes", "int8wo", "--json", str(results)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    output = benchmark_output(
+        "bench_quantization.py", "--config", "tiny", "--height", "128", "--width", "128", "--steps", "2", "--schemes",
+        "int8wo", "--json", str(results),
+    )
     for part in ("weights GiB", "tokens equal", "PSNR dB", "int8wo"):
         assert part in output, part
     rows = [json.loads(line) for line in results.read_text().splitlines()]
@@ -56,11 +60,10 @@ def test_quantization_benchmark_prints_its_table(tmp_path):
 
 def test_imagenet_benchmark_prints_its_table(tmp_path):
     results = tmp_path / "rows.jsonl"
-    output = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_imagenet.py"), "--size", "tiny", "--block_size", "4", "--sample_size",
-         "4", "--batch", "2", "--steps", "2", "--batches", "1,2", "--json", str(results)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    output = benchmark_output(
+        "bench_imagenet.py", "--size", "tiny", "--block_size", "4", "--sample_size", "4", "--batch", "2", "--steps",
+        "2", "--batches", "1,2", "--json", str(results),
+    )
     for part in ("total", "backbone", "head", "decode", "rest", "images/s against batch size"):
         assert part in output, part
     row = json.loads(results.read_text())
@@ -106,11 +109,10 @@ def test_live_storage_counter_counts_what_is_alive():
 
 def test_memory_estimate_prints_every_phase(tmp_path):
     results = tmp_path / "rows.jsonl"
-    output = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "estimate_memory.py"), "--config", "tiny", "--height", "128", "--width",
-         "128", "--quantize", "nf4", "--json", str(results)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    output = benchmark_output(
+        "estimate_memory.py", "--config", "tiny", "--height", "128", "--width", "128", "--quantize", "nf4", "--json",
+        str(results),
+    )
     for part in ("weights: language model", "peak beyond weights: block loop", "decode", "whole run"):
         assert part in output, part
     row = json.loads(results.read_text())
@@ -144,21 +146,17 @@ def test_traffic_counter_counts_bytes_moved_per_op():
 
 
 def test_traffic_count_prints_both_parts():
-    output = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "count_traffic.py"), "--config", "tiny", "--height", "128", "--width", "128"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    output = benchmark_output("count_traffic.py", "--config", "tiny", "--height", "128", "--width", "128")
     for part in ("head call", "language-model block step", "where the non-weight bytes go", "mm"):
         assert part in output, part
 
 
 def test_shapes_quality_benchmark_with_a_swapped_sampler_and_quantization(tmp_path):
     results = tmp_path / "rows.jsonl"
-    output = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_shapes_quality.py"), "--num_prompts", "2", "--batch_size", "2",
-         "--steps", "3", "--scheduler", "flow-heun", "--quantize", "int8wo", "--json", str(results)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    output = benchmark_output(
+        "bench_shapes_quality.py", "--num_prompts", "2", "--batch_size", "2", "--steps", "3", "--scheduler",
+        "flow-heun", "--quantize", "int8wo", "--json", str(results),
+    )
     assert "flow-heun, 3 steps" in output and "language model and head int8wo" in output
     row = json.loads(results.read_text())
     assert row["scheduler"] == "flow-heun" and row["quantize"] == "int8wo" and row["prompts"] == 2
@@ -167,11 +165,10 @@ def test_shapes_quality_benchmark_with_a_swapped_sampler_and_quantization(tmp_pa
 
 def test_lora_concept_benchmark_prints_before_and_after(tmp_path):
     results = tmp_path / "rows.jsonl"
-    output = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_lora_concept.py"), "--steps", "2", "--num_train", "4",
-         "--num_regular", "4", "--num_prompts", "2", "--inference_steps", "1", "--json", str(results)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    output = benchmark_output(
+        "bench_lora_concept.py", "--steps", "2", "--num_train", "4", "--num_regular", "4", "--num_prompts", "2",
+        "--inference_steps", "1", "--json", str(results),
+    )
     assert "LoRA rank 8, 2 steps x 16 (4 scenes of 'crimson' = red, 4 ordinary)" in output
     assert "'crimson' drawn red" in output and "ordinary prompts: shape" in output
     row = json.loads(results.read_text())
@@ -180,11 +177,10 @@ def test_lora_concept_benchmark_prints_before_and_after(tmp_path):
 
 def test_gemm_profile_times_every_product_of_a_head_call_and_a_block_step(tmp_path):
     results = tmp_path / "rows.jsonl"
-    output = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "profile_gemms.py"), "--config", "tiny", "--height", "128", "--width", "128",
-         "--dtype", "fp32", "--bandwidth", "0.02", "--calls", "2", "--json", str(results)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    output = benchmark_output(
+        "profile_gemms.py", "--config", "tiny", "--height", "128", "--width", "128", "--dtype", "fp32", "--bandwidth",
+        "0.02", "--calls", "2", "--json", str(results),
+    )
     assert "per call: products in milliseconds" in output
     gemms = json.loads(results.read_text())["gemms"]
     per_call = {part: sum(g["per_call"] for g in gemms if g["part"] == part) for part in {g["part"] for g in gemms}}
@@ -201,11 +197,9 @@ def test_gemm_profile_times_every_product_of_a_head_call_and_a_block_step(tmp_pa
 
 
 def test_kernel_profile_attributes_work_to_every_profiled_call():
-    output = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "profile_kernels.py"), "--config", "tiny", "--height", "128", "--width",
-         "128", "--steps", "2", "--blocks", "2"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    output = benchmark_output(
+        "profile_kernels.py", "--config", "tiny", "--height", "128", "--width", "128", "--steps", "2", "--blocks", "2",
+    )
     summary = output.split("with the most time")[0]
     rows = {line.split()[0]: line.split() for line in summary.splitlines() if line.startswith(("head", "language"))}
     # Two profiled blocks: their 2 x (2 + 1) head calls and the 2 block steps that feed them.

@@ -1,7 +1,6 @@
 """The text-to-image converter: layouts, Hub cache, strict key accounting, atomic output and bounded memory."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from bitdance_diffusers import BitDancePipeline
 from bitdance_diffusers.conversion.common import ConversionError
 from bitdance_diffusers.conversion.t2i import convert_t2i
-from conftest import FIXTURE_IMAGE_SIZES, FIXTURES, REPO
+from conftest import FIXTURE_IMAGE_SIZES, FIXTURES, REPO, offline_hub_cache
 
 
 RELEASE = FIXTURES / "t2i_p16" / "model"
@@ -84,12 +83,8 @@ def test_community_diffusers_layout_converts_to_the_same_pipeline(tmp_path, conv
 
 
 def test_hub_repo_id_resolves_offline_from_the_cache(tmp_path):
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--BitDance-tiny"
-    copy_release(repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    snapshot, env = offline_hub_cache(tmp_path, "someone/BitDance-tiny")
+    copy_release(snapshot)
     subprocess.run(
         [sys.executable, str(REPO / "conversion" / "convert_bitdance_t2i.py"), "--checkpoint_path",
          "someone/BitDance-tiny", "--dump_path", str(tmp_path / "out"), "--image_sizes", "64x64"],

@@ -1,7 +1,6 @@
 """LoRA adapters: diffusers' LoRA file format, load / fuse / switch / unload on both pipelines, LoRA training."""
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -23,7 +22,7 @@ from bitdance_diffusers.training import (
     TrainingConfig,
     train_text_to_image,
 )
-from conftest import REPO, generator
+from conftest import REPO, generator, offline_hub_cache
 
 
 def fresh_pipe():
@@ -210,15 +209,10 @@ def test_hotswap_into_a_compiled_pipeline_does_not_recompile(tmp_path):
 def test_adapters_load_by_hub_id_from_the_offline_cache(tmp_path):
     pipe = fresh_pipe()
     add_random_adapters(pipe, LORA_TARGET_MODULES)
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--bitdance-style-lora"
-    save_adapters(pipe, repo / "snapshots" / commit)
+    snapshot, env = offline_hub_cache(tmp_path, "someone/bitdance-style-lora")
+    save_adapters(pipe, snapshot)
     # A community-style file name: offline, the weights are found by listing the cached snapshot.
-    snapshot = repo / "snapshots" / commit
     (snapshot / "pytorch_lora_weights.safetensors").rename(snapshot / "bitdance_style.safetensors")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     code = (
         "from bitdance_diffusers.random_pipeline import build_random_pipeline\n"
         "pipe = build_random_pipeline('tiny', block_size=16)\n"

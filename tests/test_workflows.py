@@ -2,7 +2,6 @@
 and the data-parallel dataset generation script."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import torch
 
 from bitdance_diffusers import BitDancePipeline
 from bitdance_diffusers.random_pipeline import build_random_pipeline
-from conftest import REPO
+from conftest import REPO, offline_hub_cache
 
 
 KWARGS = dict(height=128, width=128, num_inference_steps=2, guidance_scale=3.0, output_type="latent")
@@ -30,12 +29,8 @@ def saved_tiny(tmp_path_factory):
 
 
 def test_hub_id_loads_offline_from_the_cache(saved_tiny, tmp_path):
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "hub" / "models--someone--bitdance-tiny-diffusers"
-    shutil.copytree(saved_tiny, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    snapshot, env = offline_hub_cache(tmp_path, "someone/bitdance-tiny-diffusers")
+    shutil.copytree(saved_tiny, snapshot)
     code = (
         "import bitdance_diffusers\nfrom diffusers import DiffusionPipeline\n"
         "pipe = DiffusionPipeline.from_pretrained('someone/bitdance-tiny-diffusers')\n"
