@@ -20,7 +20,7 @@ from bench_utils import append_rows
 from bitdance_diffusers import BitDancePipeline
 from bitdance_diffusers.pretrained import DEMO_MODEL_PATH
 from bitdance_diffusers.training import ShapesDataset, TrainingConfig, train_text_to_image
-from bitdance_diffusers.training.demo import HELD_OUT_SEED, score_held_out_prompts
+from bitdance_diffusers.training.demo import HELD_OUT_SEED, EncodedDataset, score_held_out_prompts
 from bitdance_diffusers.training.shapes import COLORS
 from bitdance_diffusers.training.shapes_detector import detect_shape
 
@@ -31,21 +31,6 @@ def renamed_color_scenes(color: str, word: str, size: int, seed: int, resolution
     indices = [i for i in range(len(scenes)) if scenes.scene(i).objects[0].color == color][:size]
     captions = [scenes.scene(i).caption().replace(f" {color} ", f" {word} ", 1) for i in indices]
     return [scenes[i]["pixel_values"] for i in indices], captions
-
-
-class EncodedScenes(torch.utils.data.Dataset):
-    """Captions with their images' ±1 codes, encoded once by the pipeline's tokenizer."""
-
-    def __init__(self, pipe: BitDancePipeline, images: list[torch.Tensor], captions: list[str]):
-        with torch.no_grad():
-            self.codes = torch.cat([pipe.vae.encode(batch).codes for batch in torch.stack(images).split(64)])
-        self.captions = captions
-
-    def __len__(self):
-        return len(self.captions)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"codes": self.codes[index], "caption": self.captions[index]}
 
 
 @torch.no_grad()
@@ -94,7 +79,9 @@ def main():
     ordinary = ShapesDataset(args.num_regular, resolution=resolution, seed=1, max_objects=1)
     images += [item["pixel_values"] for item in ordinary]
     captions += [ordinary.scene(i).caption() for i in range(len(ordinary))]
-    dataset = EncodedScenes(pipe, images, captions)
+    with torch.no_grad():
+        codes = torch.cat([pipe.vae.encode(batch).codes for batch in torch.stack(images).split(64)])
+    dataset = EncodedDataset(codes.to(torch.int8), captions)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
         config = TrainingConfig(output_dir=output_dir, max_steps=args.steps, batch_size=args.batch_size,
