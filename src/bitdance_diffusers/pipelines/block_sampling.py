@@ -7,6 +7,7 @@ flow for the ``P`` tokens of the block jointly, with classifier-free guidance on
 the next block (`BlockAutoregressiveMixin.sample_blocks`).
 """
 
+import functools
 import inspect
 from typing import Callable
 
@@ -24,6 +25,13 @@ VELOCITY_DENOMINATOR_MIN = 0.05
 def x_prediction_to_velocity(x_pred: torch.Tensor, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``v = (x_pred - x_t) / max(1 - t, 0.05)`` in float32."""
     return (x_pred.float() - sample) / (1 - t).clamp_min(VELOCITY_DENOMINATOR_MIN)
+
+
+@functools.cache
+def step_takes_generator(scheduler_class: type) -> bool:
+    """Stochastic schedulers draw their noise from a ``generator``; deterministic ones (UniPC, DPM-Solver) take none.
+    Looked up once per scheduler class, not once per block."""
+    return "generator" in inspect.signature(scheduler_class.step).parameters
 
 
 def sample_block_tokens(
@@ -57,8 +65,7 @@ def sample_block_tokens(
     sample = randn_tensor((rows, block_size, num_channels), generator=generator, device=device, dtype=torch.float32)
     scheduler.set_timesteps(num_inference_steps, device=device)
     num_train_timesteps = scheduler.config.num_train_timesteps
-    # Stochastic schedulers draw their noise from ``generator``; deterministic ones (UniPC, DPM-Solver) take none.
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    step_kwargs = {"generator": generator} if step_takes_generator(type(scheduler)) else {}
     for timestep in scheduler.timesteps:
         # The head's time t = 1 - sigma; float64 keeps it exact for BinaryFlowScheduler's float32 grid.
         t = (1 - timestep.double() / num_train_timesteps).float()
