@@ -25,8 +25,11 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        # torchao: tested 0.17, 0.18; peft: tested 0.21
-        "test": ["pytest>=8.0", "torchao>=0.17,<0.19", "bitsandbytes>=0.48", "peft>=0.15"],
+        # torchao: tested 0.17, 0.18; peft: tested 0.21; gradio: tested 6.31; selenium: tested 4.51 (it drives the
+        # system's chromium for the demo's browser tests: apt-get install chromium chromium-driver)
+        "test": ["pytest>=8.0", "torchao>=0.17,<0.19", "bitsandbytes>=0.48", "peft>=0.15", "gradio>=6.0,<7",
+                 "selenium>=4.20"],
+        "demo": ["gradio>=6.0,<7"],
         "quantization": ["torchao>=0.17", "bitsandbytes>=0.45"],
         "lora": ["peft>=0.15"],
         "xformers": ["xformers"],

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from .demo import add_demo_arguments, run_demo
 from .pipelines import BitDanceImageNetPipeline
 from .quantization import CUDA_ONLY_SCHEMES, QUANTIZATION_SCHEMES, pipeline_quantization_config
 from .schedulers import SAMPLERS, scheduler_for_sampler
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,  # --help after the kind reaches that converter's own parser
     )
     conv.add_argument("kind", choices=["t2i", "tokenizer", "imagenet"])
+    add_demo_arguments(commands.add_parser("demo", help="Start the web demo (a Gradio app) for a BitDance model."))
     return parser
 
 
@@ -214,9 +216,12 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     else:
         try:
-            generate(args)
+            if args.command == "demo":
+                run_demo(args)
+            else:
+                generate(args)
         except ValueError as error:  # bad input (size, switches, quantization): its message names the fix
-            parser.exit(2, f"bitdance generate: error: {error}\n")
+            parser.exit(2, f"bitdance {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":
