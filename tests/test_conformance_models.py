@@ -371,6 +371,17 @@ def test_group_offloading_to_disk(name, offload_type, tmp_path):
     extra = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
     model.enable_group_offload(torch.device("cpu"), offload_type=offload_type, offload_to_disk_path=str(tmp_path), **extra)
     assert list(tmp_path.glob("*.safetensors"))
+    # diffusers' own check of the files, for what it models: block level without nested block modules (the leaf level
+    # prefetches, so its files are not deterministic).
+    if offload_type == "block_level" and not getattr(model, "_group_offload_block_modules", None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers.utils.testing_utils is deprecated, still there
+            from diffusers.utils.testing_utils import _check_safetensors_serialization
+
+        is_correct, extra_files, missing_files = _check_safetensors_serialization(
+            module=model, offload_to_disk_path=str(tmp_path), offload_type=offload_type, num_blocks_per_group=1
+        )
+        assert is_correct, (extra_files, missing_files)
     assert torch.equal(forward(model, name), reference)
 
 
@@ -406,6 +417,19 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(name):
 def test_gradient_checkpointing_is_refused_where_unsupported(name):
     with pytest.raises(ValueError, match="does not support gradient checkpointing"):
         build(name).enable_gradient_checkpointing()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mlp_head", "imagenet_transformer"])  # the diffusion head: test_workflows.py
+def test_compile_repeated_blocks_without_graph_breaks_or_recompiles(name):
+    model = build(name)
+    reference = forward(model, name)
+    torch._dynamo.reset()
+    model.compile_repeated_blocks(fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = forward(model, name)
+        assert torch.equal(forward(model, name), compiled)
+    assert torch.allclose(compiled, reference, atol=1e-5)
 
 
 # Attention -----------------------------------------------------------------------------------------------------
