@@ -327,6 +327,15 @@ def test_cfg(case, pipe):
     assert unguided.shape == guided.shape and not np.array_equal(unguided, guided)
 
 
+def test_attention_slicing_keeps_the_outputs(case, pipe):
+    """diffusers' attention-slicing switch: BitDance's models have no sliceable attention, so it changes nothing."""
+    reference = run(pipe, case)
+    for slice_size in (1, 2, "auto"):
+        pipe.enable_attention_slicing(slice_size=slice_size)
+        assert np.array_equal(run(pipe, case), reference)
+    pipe.disable_attention_slicing()
+
+
 # Step-end callbacks (one step = one autoregressive block) -------------------------------------------------------
 
 
