@@ -1,4 +1,7 @@
+import contextlib
+import io
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -59,3 +62,20 @@ def offline_hub_cache(root: Path, repo_id: str) -> tuple[Path, dict]:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     return repo / "snapshots" / commit, {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1"}
+
+
+@contextlib.contextmanager
+def captured_log(name: str, level: int = logging.WARNING):
+    """What the diffusers logger ``name`` writes at ``level`` and above inside the block (diffusers' loggers do not
+    propagate to pytest's caplog)."""
+    logger = logging.getLogger(name)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    previous_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)

@@ -162,8 +162,11 @@ class Decoder(nn.Module):
         self.adaptive = nn.ModuleList(
             AdaptiveGroupNorm(z_channels, level_inputs[level], norm_num_groups) for level in range(len(widths))
         )
-        self.up = nn.ModuleList(
-            DecoderLevel(level_inputs[level], widths[level], num_res_blocks, norm_num_groups, upsample=level > 0)
+        # Keyed "0", "1", ... like a list (the checkpoint's names). Not a ModuleList: `forward` calls each level's blocks
+        # itself, and block-level group offloading would hook the never-called levels and leave their weights offloaded;
+        # as a dict they load with the decoder.
+        self.up = nn.ModuleDict(
+            (str(level), DecoderLevel(level_inputs[level], widths[level], num_res_blocks, norm_num_groups, level > 0))
             for level in range(len(widths))
         )
         self.norm_out = _group_norm(widths[0], norm_num_groups)
@@ -177,10 +180,10 @@ class Decoder(nn.Module):
         # (a call per level would hold it, and the normalised copy, for the whole level: 2x the peak at 1024x1024).
         for level in reversed(range(len(self.up))):
             x = self.adaptive[level](x, codes)
-            for block in self.up[level].block:
+            for block in self.up[str(level)].block:
                 x = block(x)
-            if self.up[level].upsample is not None:
-                x = self.up[level].upsample(x)
+            if self.up[str(level)].upsample is not None:
+                x = self.up[str(level)].upsample(x)
         x = self.norm_out(x)
         x = F.silu(x)
         return self.conv_out(x)

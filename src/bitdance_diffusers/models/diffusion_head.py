@@ -46,6 +46,8 @@ class HeadAttnProcessor:
 class HeadAttention(nn.Module, AttentionModuleMixin):
     _default_processor_cls = HeadAttnProcessor
     _available_processors = [HeadAttnProcessor]
+    # Query, key and value are one projection already (``wqkv``): nothing for `fuse_qkv_projections` to fuse.
+    _supports_qkv_fusion = False
 
     def __init__(self, dim: int, head_dim: int):
         super().__init__()

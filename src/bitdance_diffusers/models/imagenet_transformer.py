@@ -114,6 +114,8 @@ class ImageNetAttnProcessor:
 class ImageNetAttention(nn.Module, AttentionModuleMixin):
     _default_processor_cls = ImageNetAttnProcessor
     _available_processors = [ImageNetAttnProcessor]
+    # Query, key and value are one projection already (``wqkv``): nothing for `fuse_qkv_projections` to fuse.
+    _supports_qkv_fusion = False
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -168,8 +170,9 @@ class BitDanceImageNetTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftA
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ImageNetTransformerBlock"]
     _repeated_blocks = ["ImageNetTransformerBlock"]
-    # pos_for_diff is read as a weight (never called), so it must keep its dtype.
-    _skip_layerwise_casting_patterns = ["norm", "pos_for_diff"]
+    # proj_in (a SwiGLU, not a layer) is matched by diffusers' default "^proj_in$" pattern: its linear layers keep the
+    # compute dtype, and listing it says so. pos_for_diff is added to the head condition in full precision.
+    _skip_layerwise_casting_patterns = ["norm", "pos_for_diff", "proj_in"]
 
     @register_to_config
     def __init__(
@@ -298,7 +301,9 @@ class BitDanceImageNetTransformer(ModelMixin, AttentionMixin, ConfigMixin, PeftA
                 hidden_states = layer(hidden_states, rotary, attention_mask, past_key_values, index, attention_kwargs)
 
         hidden_states = self.norm(hidden_states[:, hidden_states.shape[1] - num_predicted :])
-        positions = self.pos_for_diff.weight[first_predicted : first_predicted + num_predicted]
+        # Called, not indexed as a weight: offloading and casting hooks run on a module's call.
+        predicted = torch.arange(first_predicted, first_predicted + num_predicted, device=hidden_states.device)
+        positions = self.pos_for_diff(predicted)
         sample = hidden_states + positions
         if not return_dict:
             return (sample,)
