@@ -157,8 +157,9 @@ def test_language_model_is_streamed_shard_by_shard(tmp_path):
     build = textwrap.dedent(f"""
         import torch
         from transformers import Qwen3Config, Qwen3ForCausalLM
-        config = Qwen3Config(vocab_size=584, hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
-                             num_attention_heads=16, num_key_value_heads=8, head_dim=64)
+        # The fixture's width (the projector and head must match it), with wide feed-forward layers for the size.
+        config = Qwen3Config(vocab_size=584, hidden_size=64, intermediate_size=69632, num_hidden_layers=8,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
         torch.manual_seed(0)
         model = Qwen3ForCausalLM(config)
         model.save_pretrained({str(release)!r}, max_shard_size="60MB")

@@ -1,15 +1,16 @@
-"""What every converter shares: atomic output folders, strict state-dict accounting and the CLI convention."""
+"""What every converter shares: the CLI convention, its error type, checked reads and strict state-dict accounting."""
 
 import argparse
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
+from ..loaders.pretrained import all_finite, read_json_file
 
 
 logger = logging.getLogger("bitdance_diffusers.conversion")
@@ -18,7 +19,8 @@ DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 
 
 class ConversionError(ValueError):
-    """A source checkpoint cannot be converted as asked (missing file, unknown key, shape or dtype mismatch)."""
+    """A source checkpoint cannot be converted as asked (missing or unreadable file, unknown key, shape or dtype
+    mismatch, non-finite values, unusable argument, unwritable output)."""
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -29,7 +31,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="keep", help="Store weights in this dtype (default: as in the source)."
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --dump_path.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing --dump_path that an earlier conversion wrote."
+    )
     return parser
 
 
@@ -39,37 +43,105 @@ def exit_on_conversion_error(parser: argparse.ArgumentParser):
     (the message names the problem and the fix; nothing was written to ``--dump_path``)."""
     try:
         yield
-    except ConversionError as error:
+    # OSError: a file-system problem no read or write site expected (a file vanishing while it is read).
+    except (ConversionError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"The {what} must be a file, but {path} is a folder.")
     if not path.is_file():
         raise ConversionError(f"Missing {what}: {path} does not exist. Point --checkpoint_path at the original release.")
     return path
 
 
-@contextlib.contextmanager
-def atomic_output_dir(dump_path: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside ``dump_path``; move it into place only if the block finishes without error."""
-    dump_path = Path(dump_path).absolute()
-    if dump_path.exists() and not overwrite:
-        raise ConversionError(f"{dump_path} already exists; pass --overwrite to replace it.")
-    dump_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dump_path.name}.partial-", dir=dump_path.parent))
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in the file ``path`` (the ``what`` of the release); any problem is a `ConversionError`."""
+    path = require_file(path, what)
     try:
-        yield staging
-        if dump_path.exists():
-            backup = dump_path.with_name(f".{dump_path.name}.old-{os.getpid()}")
-            dump_path.rename(backup)
-            staging.rename(dump_path)
-            shutil.rmtree(backup)
-        else:
-            staging.rename(dump_path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        return read_json_file(path, what)
+    except OSError as error:
+        raise ConversionError(f"{error} Copy it again from the original release.") from error
+
+
+def config_value(config: dict, key: str, kind: type, source: str, default=None, positive: bool = True):
+    """``config[key]`` checked to be a ``kind`` (``int``, ``float``, ``bool`` or ``list`` of positive ints)."""
+    if key not in config:
+        if default is None:
+            raise ConversionError(f"{source} lacks {key!r} (keys: {sorted(config)}).")
+        return default
+    value = config[key]
+    if kind is list:
+        valid = isinstance(value, list) and value and all(type(v) is int and v > 0 for v in value)
+        expected = "a non-empty list of positive integers"
+    elif kind is float:
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        expected = "a number"
+    elif kind is bool:
+        valid, expected = isinstance(value, bool), "true or false"
+    else:
+        valid = type(value) is int and (value > 0 or not positive)
+        expected = "a positive integer" if positive else "an integer"
+    if not valid:
+        raise ConversionError(f"{source}: {key!r} must be {expected}, got {value!r}.")
+    return value
+
+
+def read_safetensors(path: Path, what: str):
+    """Yield ``(key, tensor)`` of a safetensors file, one tensor at a time; a damaged file is a `ConversionError`."""
+    path = require_file(path, what)
+    problem = (
+        f"Cannot read the {what} {path}: {{}}. The file is truncated, corrupt or not a safetensors file: copy it again."
+    )
+    try:
+        handle = safe_open(str(path), framework="pt")
+        keys = list(handle.keys())
+    except Exception as error:  # safetensors raises its own, OS and value errors for damaged files
+        raise ConversionError(problem.format(error)) from error
+    for key in keys:
+        try:
+            tensor = handle.get_tensor(key)
+        except Exception as error:
+            raise ConversionError(problem.format(f"tensor {key!r}: {error}")) from error
+        yield key, tensor
+
+
+def load_safetensors(path: Path, what: str = "weights") -> dict:
+    return dict(read_safetensors(path, what))
+
+
+def build_on_meta(model_class: type, config: dict, source: str) -> torch.nn.Module:
+    """``model_class(**config)`` on the meta device (no memory); a config that builds no model is a
+    `ConversionError`."""
+    try:
+        with torch.device("meta"):
+            return model_class(**config)
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as error:
+        raise ConversionError(
+            f"{source}: the config {config} does not build a {model_class.__name__}: {error}"
+        ) from error
+
+
+def check_finite(name: str, tensor: torch.Tensor, source_dtype: torch.dtype, non_finite: list):
+    """Append ``name`` to ``non_finite`` (with a note if a cast made it so) when ``tensor`` holds NaN or inf."""
+    if not all_finite(tensor):
+        non_finite.append(name if tensor.dtype == source_dtype else f"{name} (after the cast to {tensor.dtype})")
+
+
+def raise_if_non_finite(source: str, non_finite: list):
+    if non_finite:
+        cast = any("after the cast" in name for name in non_finite)
+        raise ConversionError(
+            f"{source}: {len(non_finite)} tensor(s) hold NaN or inf values: {non_finite[:8]}"
+            f"{' ...' if len(non_finite) > 8 else ''}. "
+            + (
+                "Their values do not fit the --dtype chosen: use --dtype bf16, fp32 or keep."
+                if cast
+                else "A model with them draws blank images; the checkpoint is damaged: download it again."
+            )
+        )
 
 
 @dataclass
@@ -96,14 +168,19 @@ def load_state_dict_strict(
     key_map=lambda key: key,
     dtype: torch.dtype | None = None,
 ):
-    """Copy ``state_dict`` into ``model`` after mapping each key; any unknown, missing or mis-shaped key is an error.
+    """Copy ``state_dict`` into ``model`` after mapping each key; any unknown, missing, mis-shaped or non-finite tensor
+    is an error.
 
     ``key_map(source_key)`` returns the target parameter name. Float tensors are cast to ``dtype`` when given, otherwise
     the model takes the source dtype (``assign``), as the original loader does.
     """
     targets = dict(model.state_dict())
-    converted = {}
+    converted, non_finite = {}, []
     for key, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ConversionError(
+                f"{source}: {key!r} is a {type(tensor).__name__}, not a tensor; is this a checkpoint?"
+            )
         target = key_map(key)
         if target not in targets:
             raise ConversionError(f"{source}: unexpected tensor {key!r} (no target {target!r} in {type(model).__name__}).")
@@ -115,7 +192,9 @@ def load_state_dict_strict(
         if not tensor.is_floating_point():
             raise ConversionError(f"{source}: {key!r} has dtype {tensor.dtype}, expected a floating point tensor.")
         converted[target] = tensor.to(dtype) if dtype is not None else tensor
+        check_finite(key, converted[target], tensor.dtype, non_finite)
         report.mapped[f"{source}:{key}"] = target
+    raise_if_non_finite(source, non_finite)
     missing = sorted(set(targets) - set(converted))
     if missing:
         raise ConversionError(f"{source}: missing tensors for {type(model).__name__}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")

@@ -14,7 +14,6 @@ own ``vae.*`` copy is used, with a warning.
 import argparse
 import math
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -29,13 +28,15 @@ from .common import (
     DTYPES,
     ConversionError,
     ConversionReport,
-    atomic_output_dir,
     base_parser,
+    build_on_meta,
     exit_on_conversion_error,
     load_state_dict_strict,
     logger,
     require_file,
 )
+from .model_card import imagenet_model_card
+from .output_folder import atomic_output_dir, check_dump_path
 from .tokenizer import tokenizer_config_from_state_dict
 
 
@@ -57,21 +58,35 @@ EXTRA_ENTRY_REASONS = {
 def load_torch_checkpoint(path: str | Path, what: str, allow_unsafe_pickle: bool = False):
     """``torch.load(weights_only=True)`` (argparse namespaces allowed); arbitrary pickles only when explicitly asked."""
     path = require_file(path, what)
+    corrupt = "Cannot read {} as a torch checkpoint ({}: {}); the file is corrupt, truncated or not a .pt file."
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise ConversionError(corrupt.format(path, type(error).__name__, str(error).splitlines()[0])) from error
         if not allow_unsafe_pickle:
             raise ConversionError(
                 f"{path} cannot be loaded with torch.load(weights_only=True): {str(error).splitlines()[0]} "
                 "If you trust this file, pass --allow_unsafe_pickle (unpickling can run arbitrary code)."
             ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
-        raise ConversionError(
-            f"Cannot read {path} as a torch checkpoint ({error}); the file is corrupt or not a .pt file."
-        ) from error
+    except Exception as error:  # torch.load raises key, EOF, runtime and zip errors for damaged files
+        raise ConversionError(corrupt.format(path, type(error).__name__, error)) from error
     logger.warning("Loading %s with torch.load(weights_only=False): this executes code stored in the pickle.", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ConversionError(corrupt.format(path, type(error).__name__, error)) from error
+
+
+def check_state_dict(state_dict: dict, source: str):
+    """Every entry of a weights dict must be a tensor under a string name."""
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ConversionError(
+                f"{source}: entry {key!r} is a {type(value).__name__}, not a named tensor; the checkpoint is damaged "
+                "or is not a BitDance state dict."
+            )
 
 
 def select_weights(checkpoint, weights: str, source: str, report: ConversionReport) -> dict:
@@ -100,6 +115,7 @@ def select_weights(checkpoint, weights: str, source: str, report: ConversionRepo
             f"{source}[{weights!r}] is not a BitDance ImageNet state dict (no cls_embedding.weight); is this a "
             "class-conditional BitDance checkpoint?"
         )
+    check_state_dict(state_dict, f"{source}[{weights!r}]")
     return state_dict
 
 
@@ -122,6 +138,7 @@ def transformer_config_from_state_dict(state_dict: dict, num_attention_heads: in
                 "pass --num_attention_heads (the head count is not stored in the checkpoint)."
             )
         num_attention_heads = hidden_size // DEFAULT_ATTENTION_HEAD_DIM
+    check_attention_heads(num_attention_heads, hidden_size)
     return {
         "num_classes": num_rows - 1,
         "sample_size": sample_size,
@@ -134,22 +151,38 @@ def transformer_config_from_state_dict(state_dict: dict, num_attention_heads: in
     }
 
 
+def check_attention_heads(num_attention_heads: int, hidden_size: int):
+    """A head count must split the width into heads of a width divisible by 4 (the 2-D rotary embedding's pairs)."""
+    if type(num_attention_heads) is not int or num_attention_heads < 1 or hidden_size % num_attention_heads:
+        raise ConversionError(
+            f"--num_attention_heads {num_attention_heads} does not divide the backbone's width {hidden_size}; pass a "
+            f"positive divisor of {hidden_size} (the released models use width / {DEFAULT_ATTENTION_HEAD_DIM})."
+        )
+    if (hidden_size // num_attention_heads) % 4:
+        raise ConversionError(
+            f"--num_attention_heads {num_attention_heads} gives heads {hidden_size // num_attention_heads} wide, but "
+            "the 2-D rotary embedding needs a head width divisible by 4; pass fewer heads."
+        )
+
+
 def build_head(state_dict: dict, source: str, report: ConversionReport, dtype: torch.dtype | None):
     """The diffusion head from the ``head.net.*`` tensors (prefix removed): transformer head if it has attention."""
-    in_channels = state_dict["input_proj.weight"].shape[1]
-    config = {
-        "in_channels": in_channels,
-        "condition_channels": state_dict["cond_embed.weight"].shape[1],
-        "hidden_size": state_dict["input_proj.weight"].shape[0],
-        "num_layers": _count(state_dict, "res_blocks.", ".w2.weight"),
-        "num_ada_ln_layers": _count(state_dict, "ada_ln_blocks.", ".weight"),
-    }
-    with torch.device("meta"):
-        if "res_blocks.0.attn.wqkv.weight" in state_dict:
-            # The ImageNet transformer head: 64-wide attention heads and a raw (unbounded) x-prediction.
-            head = BitDanceDiffusionHead(**config, attention_head_dim=64, bounded_output=False)
-        else:
-            head = BitDanceMLPHead(**config)
+    try:
+        config = {
+            "in_channels": state_dict["input_proj.weight"].shape[1],
+            "condition_channels": state_dict["cond_embed.weight"].shape[1],
+            "hidden_size": state_dict["input_proj.weight"].shape[0],
+            "num_layers": _count(state_dict, "res_blocks.", ".w2.weight"),
+            "num_ada_ln_layers": _count(state_dict, "ada_ln_blocks.", ".weight"),
+        }
+    except (KeyError, IndexError) as error:
+        raise ConversionError(f"{source}: the diffusion head lacks {error} (or it has the wrong shape).") from error
+    if "res_blocks.0.attn.wqkv.weight" in state_dict:
+        # The ImageNet transformer head: 64-wide attention heads and a raw (unbounded) x-prediction.
+        config.update(attention_head_dim=64, bounded_output=False)
+        head = build_on_meta(BitDanceDiffusionHead, config, source)
+    else:
+        head = build_on_meta(BitDanceMLPHead, config, source)
     return load_state_dict_strict(head, state_dict, report, source, dtype=dtype).eval()
 
 
@@ -157,9 +190,23 @@ def build_vae(state_dict: dict, source: str, report: ConversionReport, dtype: to
     """`BitDanceTokenizer` from ``encoder.*``/``decoder.*`` tensors; the architecture is read off their shapes."""
     config = tokenizer_config_from_state_dict(state_dict, source)
     logger.info("%s: tokenizer %s", source, config)
-    with torch.device("meta"):
-        vae = BitDanceTokenizer(**config)
+    vae = build_on_meta(BitDanceTokenizer, config, source)
     return load_state_dict_strict(vae, state_dict, report, source, dtype=dtype).eval()
+
+
+def check_matching_channels(transformer_config: dict, head: torch.nn.Module, vae: BitDanceTokenizer, source: str):
+    """The backbone, head and tokenizer must agree on the token channels; the head must read the backbone's width."""
+    channels = {
+        "backbone in_channels": transformer_config["in_channels"],
+        "head in_channels": head.config.in_channels,
+        "tokenizer z_channels": vae.config.z_channels,
+    }
+    if len(set(channels.values())) > 1 or head.config.condition_channels != transformer_config["hidden_size"]:
+        raise ConversionError(
+            f"{source}: the components do not fit together ({channels}; head condition width "
+            f"{head.config.condition_channels}, backbone width {transformer_config['hidden_size']}); the tokenizer or "
+            "head comes from a different model."
+        )
 
 
 def load_separate_vae(path: str, report: ConversionReport, dtype: torch.dtype | None, allow_unsafe_pickle: bool):
@@ -172,6 +219,7 @@ def load_separate_vae(path: str, report: ConversionReport, dtype: torch.dtype | 
             f"{path} is not a BitDance tokenizer checkpoint: expected {{'state_dict': {{encoder.*, decoder.*}}}} as "
             "ae_d16c32.pt of the ImageNet release."
         )
+    check_state_dict(state_dict, f"{path}['state_dict']")
     for key in checkpoint:
         if key != "state_dict":
             report.drop(f"{source}:{key}", "not tokenizer weights")
@@ -197,7 +245,9 @@ def convert_imagenet(
 ) -> ConversionReport:
     if weights not in WEIGHTS:
         raise ConversionError(f"--weights must be one of {WEIGHTS}, got {weights!r}.")
-    torch_dtype = DTYPES[dtype]
+    sources = [path for path in (checkpoint_path, vae_checkpoint_path) if path is not None]
+    check_dump_path(dump_path, overwrite, sources)
+    weights_dtype = DTYPES[dtype]
     report = ConversionReport()
     source = Path(checkpoint_path).name
     checkpoint = load_torch_checkpoint(checkpoint_path, "ImageNet checkpoint", allow_unsafe_pickle)
@@ -215,17 +265,18 @@ def convert_imagenet(
 
     try:
         transformer_config = transformer_config_from_state_dict(backbone, num_attention_heads)
-    except KeyError as error:
-        raise ConversionError(f"{source}: the backbone lacks {error}; is this a BitDance ImageNet checkpoint?") from error
-    with torch.device("meta"):
-        transformer = BitDanceImageNetTransformer(**transformer_config)
-    load_state_dict_strict(transformer, backbone, report, source, dtype=torch_dtype)
+    except (KeyError, IndexError) as error:
+        raise ConversionError(
+            f"{source}: the backbone lacks {error} (or it has the wrong shape); is this a BitDance ImageNet checkpoint?"
+        ) from error
+    transformer = build_on_meta(BitDanceImageNetTransformer, transformer_config, source)
+    load_state_dict_strict(transformer, backbone, report, source, dtype=weights_dtype)
     if not head_weights:
         raise ConversionError(f"{source} has no head.net.* tensors (diffusion head).")
-    head = build_head(head_weights, f"{source}:head.net", report, torch_dtype)
+    head = build_head(head_weights, f"{source}:head.net", report, weights_dtype)
 
     if vae_checkpoint_path is not None:
-        vae = load_separate_vae(vae_checkpoint_path, report, torch_dtype, allow_unsafe_pickle)
+        vae = load_separate_vae(vae_checkpoint_path, report, weights_dtype, allow_unsafe_pickle)
         for key in vae_weights:
             report.drop(f"{source}:vae.{key}", "replaced by --vae_checkpoint_path, as the original sampler does")
     elif vae_weights:
@@ -234,15 +285,21 @@ def convert_imagenet(
             "them with ae_d16c32.pt (load_vae_weight), so images can differ from the original's; pass "
             "--vae_checkpoint_path ae_d16c32.pt to reproduce it."
         )
-        vae = build_vae(vae_weights, f"{source}:vae", report, torch_dtype)
+        vae = build_vae(vae_weights, f"{source}:vae", report, weights_dtype)
     else:
         raise ConversionError(f"{source} holds no vae.* tensors; pass --vae_checkpoint_path ae_d16c32.pt.")
+    check_matching_channels(transformer_config, head, vae, source)
 
     pipeline = BitDanceImageNetPipeline(
         transformer=transformer.eval(), diffusion_head=head, vae=vae, scheduler=BinaryFlowScheduler()
     )
-    with atomic_output_dir(dump_path, overwrite) as staging:
+    with atomic_output_dir(dump_path, overwrite, sources) as staging:
         pipeline.save_pretrained(staging)
+        stored = dtype if dtype != "keep" else str(transformer.dtype).removeprefix("torch.")
+        card = imagenet_model_card(
+            Path(dump_path).name, checkpoint_path, transformer_config, type(head).__name__, weights, stored
+        )
+        card.save(staging / "README.md")
     report.log("BitDance ImageNet")
     logger.info(
         "Saved BitDanceImageNetPipeline (%d classes, P=%d, width %d, %d layers, %s) to %s",

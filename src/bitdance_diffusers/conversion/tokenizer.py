@@ -1,42 +1,47 @@
 """Original binary-tokenizer release (``<name>_config.json`` + ``<name>.safetensors``) -> `BitDanceTokenizer` folder."""
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..models.binary_autoencoder import BitDanceTokenizer
 from .common import (
     DTYPES,
     ConversionError,
     ConversionReport,
-    atomic_output_dir,
     base_parser,
+    build_on_meta,
+    config_value,
     exit_on_conversion_error,
+    load_safetensors,
     load_state_dict_strict,
     logger,
+    read_json,
     require_file,
 )
+from .model_card import tokenizer_model_card
+from .output_folder import atomic_output_dir, check_dump_path
 
 
-def tokenizer_config_from_original(ae_config: dict) -> dict:
+def tokenizer_config_from_original(ae_config: dict, source: str = "tokenizer config") -> dict:
     """``VQModel(**ae_config)`` arguments (``ddconfig`` + ``gan_decoder``, or the same keys flattened) -> config."""
     # Original releases nest the architecture under "ddconfig"; flattened copies put its keys at the top level.
     dd = ae_config.get("ddconfig", ae_config)
+    if not isinstance(dd, dict):
+        raise ConversionError(f"{source}: 'ddconfig' must be an object {{ch, ch_mult, ...}}, got {dd!r}.")
     missing = [key for key in ("ch", "ch_mult", "num_res_blocks", "z_channels") if key not in dd]
     if missing:
         raise ConversionError(f"Tokenizer config lacks {missing} (keys: {sorted(ae_config)}); is this an ae_config.json?")
-    if dd.get("double_z", False):
+    if config_value(dd, "double_z", bool, source, default=False):
         raise ConversionError("ddconfig.double_z=True is not a binary tokenizer (BitDance always uses double_z=false).")
     return {
-        "in_channels": dd.get("in_channels", 3),
-        "out_channels": dd.get("out_ch", 3),
-        "ch": dd["ch"],
-        "ch_mult": tuple(dd["ch_mult"]),
-        "num_res_blocks": dd["num_res_blocks"],
-        "z_channels": dd["z_channels"],
-        "gan_decoder": bool(ae_config.get("gan_decoder", False)),
+        "in_channels": config_value(dd, "in_channels", int, source, default=3),
+        "out_channels": config_value(dd, "out_ch", int, source, default=3),
+        "ch": config_value(dd, "ch", int, source),
+        "ch_mult": tuple(config_value(dd, "ch_mult", list, source)),
+        "num_res_blocks": config_value(dd, "num_res_blocks", int, source),
+        "z_channels": config_value(dd, "z_channels", int, source),
+        "gan_decoder": config_value(ae_config, "gan_decoder", bool, source, default=False),
     }
 
 
@@ -75,7 +80,7 @@ def tokenizer_config_from_state_dict(state_dict: dict, source: str) -> dict:
 def default_config_path(weights_path: Path) -> Path:
     """The json beside the weights: ``<stem>_config.json``, else ``ae_config.json``."""
     for candidate in (weights_path.with_name(f"{weights_path.stem}_config.json"), weights_path.with_name("ae_config.json")):
-        if candidate.is_file():
+        if candidate.exists():
             return candidate
     raise ConversionError(
         f"No tokenizer config beside {weights_path} (looked for {weights_path.stem}_config.json and ae_config.json); "
@@ -87,27 +92,25 @@ def build_tokenizer(
     ae_config: dict, state_dict: dict, report: ConversionReport, source: str, dtype: torch.dtype | None = None
 ) -> BitDanceTokenizer:
     """Instantiate `BitDanceTokenizer` from an original config and load its (prefix-free) state dict strictly."""
-    with torch.device("meta"):
-        model = BitDanceTokenizer(**tokenizer_config_from_original(ae_config))
+    model = build_on_meta(BitDanceTokenizer, tokenizer_config_from_original(ae_config, source), source)
     return load_state_dict_strict(model, state_dict, report, source, dtype=dtype).eval()
-
-
-def load_safetensors(path: Path) -> dict:
-    try:
-        return load_file(str(path))
-    except Exception as error:  # safetensors raises several error types for truncated/corrupt files
-        raise ConversionError(f"Cannot read {path}: {error}. The file is corrupt or not a safetensors file.") from error
 
 
 def convert_tokenizer(checkpoint_path, dump_path, config_path=None, dtype: str = "keep", overwrite: bool = False):
     weights_path = require_file(checkpoint_path, "tokenizer weights")
     config_path = Path(config_path) if config_path else default_config_path(weights_path)
-    ae_config = json.loads(require_file(config_path, "tokenizer config").read_text())
+    sources = [weights_path, config_path]
+    check_dump_path(dump_path, overwrite, sources)
+    ae_config = read_json(config_path, "tokenizer config")
     report = ConversionReport()
-    model = build_tokenizer(ae_config, load_safetensors(weights_path), report, weights_path.name, DTYPES[dtype])
+    weights = load_safetensors(weights_path, "tokenizer weights")
+    model = build_tokenizer(ae_config, weights, report, weights_path.name, DTYPES[dtype])
     report.log(weights_path.name)
-    with atomic_output_dir(dump_path, overwrite) as staging:
+    stored = dtype if dtype != "keep" else str(model.dtype).removeprefix("torch.")
+    with atomic_output_dir(dump_path, overwrite, sources) as staging:
         model.save_pretrained(staging)
+        card = tokenizer_model_card(Path(dump_path).name, weights_path.name, dict(model.config), stored)
+        card.save(staging / "README.md")
     logger.info("Saved BitDanceTokenizer to %s", dump_path)
     return model
 

@@ -1,8 +1,6 @@
 """BitDancePipeline: text-to-image generation by next-block diffusion over binary tokens."""
 
 import inspect
-import json
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -14,6 +12,7 @@ from diffusers.utils import replace_example_docstring
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from ..loaders.lora import BitDanceLoraLoaderMixin
+from ..loaders.pretrained import BitDancePretrainedMixin
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..models.diffusion_head import BitDanceDiffusionHead
 from ..models.embeddings import sincos_2d_sequence
@@ -55,7 +54,7 @@ def _cache_argument_name(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, DiffusionPipeline):
+class BitDancePipeline(BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDanceLoraLoaderMixin, DiffusionPipeline):
     r"""
     Text-to-image with BitDance: a Qwen3 language model reads the prompt and then, block by block, the image's binary
     tokens in patch-raster order; a diffusion head samples the ``P`` tokens of each block jointly from the model's
@@ -107,24 +106,6 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
         self.vae_scale_factor = vae.downsample_factor if vae is not None else 16
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._special_token_ids = None
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`DiffusionPipeline.from_pretrained`, after checking that a local folder holds every component it lists."""
-        folder = Path(pretrained_model_name_or_path)
-        if (folder / "model_index.json").is_file():
-            index = json.loads((folder / "model_index.json").read_text())
-            missing = [
-                name for name, entry in index.items()
-                if isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
-                and name not in kwargs and not (folder / name).is_dir()
-            ]  # fmt: skip
-            if missing:
-                raise ValueError(
-                    f"{folder} lists the components {missing} in model_index.json but has no such sub-folders; "
-                    "re-run the conversion or pass the missing components to from_pretrained."
-                )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # Properties read by callbacks ----------------------------------------------------------------------------------
 

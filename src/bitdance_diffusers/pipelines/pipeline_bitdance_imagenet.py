@@ -15,6 +15,7 @@ from diffusers.utils import replace_example_docstring
 from transformers import DynamicCache
 
 from ..loaders.lora import BitDanceLoraLoaderMixin
+from ..loaders.pretrained import BitDancePretrainedMixin
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..models.diffusion_head import BitDanceDiffusionHead
 from ..models.imagenet_transformer import BitDanceImageNetTransformer
@@ -40,7 +41,9 @@ EXAMPLE_DOC_STRING = """
 GUIDANCE_SCHEDULES = ("linear", "constant")
 
 
-class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, DiffusionPipeline):
+class BitDanceImageNetPipeline(
+    BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDanceLoraLoaderMixin, DiffusionPipeline
+):
     r"""
     Class-conditional image generation with BitDance: a LlamaGen-style transformer reads 64 class tokens and then,
     block by block, the image's binary tokens in patch-raster order; a diffusion head samples the ``P`` tokens of each
