@@ -1,6 +1,7 @@
 """The `bitdance` command: one file per image, outputs checked before any work, atomic writes, one-line errors with
 exit status 2 for every kind of user mistake, a quiet terminal, a light `--help`, and the `demo` sub-command."""
 
+import errno
 import json
 import os
 import re
@@ -234,6 +235,7 @@ def test_a_temporary_file_of_a_running_writer_is_kept(tmp_path):
         (["--prompt", "x", "--model", "{tmp}/other"], "holds a StableDiffusionPipeline pipeline, not a BitDance one"),
         (["--prompt", "x", "--device", "nonsense"], "--device 'nonsense' is not a device; use cpu, cuda or cuda:N"),
         (["--prompt", "x", "--device", "meta"], "--device meta: BitDance runs on cpu or cuda"),
+        (["--prompt", "x", "--device", "cpu:1"], "--device cpu:1: torch has one CPU device; use --device cpu"),
         (["--prompt", "x", "--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "use --device cpu"),
         (["--prompt", "x", "--offload", "model", "--device", "cpu"], "--offload model moves weights"),
         (["--prompt", "x", "--quantize", "nf4", "--device", "cpu"], "--quantize nf4 needs a CUDA GPU"),
@@ -338,6 +340,23 @@ def test_unexpected_errors_and_interrupts(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out.png").exists()
 
 
+def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_nothing_partial(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli.generate, "load_pipeline", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli.generate, "draw", lambda *args, **kwargs: [Image.new("RGB", (8, 8))])
+
+    def save_until_the_disk_is_full(image, path, format_name, overwrite=True):
+        def write(file):
+            file.write(b"\x89PNG the first bytes")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        files.atomic_write(path, write, overwrite)
+
+    monkeypatch.setattr(cli.generate, "save_image", save_until_the_disk_is_full)
+    line = error_of(["generate", "--prompt", "x", "--quiet", "--output", str(tmp_path / "x.png")], capsys)
+    assert f"Cannot write {tmp_path / 'x.png'} (No space left on device); free space" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 # A quiet terminal -------------------------------------------------------------------------------------------------
 
 OUR_STDERR_LINE = re.compile(
@@ -406,3 +425,11 @@ def test_demo_subcommand_runs_the_demo_module(monkeypatch, capsys):
         cli.main(["demo", "--help"])
     assert "--port" in capsys.readouterr().out
     assert "demo" in cli.build_parser().format_help()
+
+
+def test_the_import_time_benchmark_prints_its_table():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_import_time.py"), "--repeats", "1",
+                             "--commands", "python (empty),bitdance --help"], capture_output=True, text=True,
+                            check=True, cwd=REPO / "benchmarks")  # fmt: skip
+    rows = {line.split("  ")[0]: line.split() for line in result.stdout.splitlines()}
+    assert rows["bitdance --help"][-1] == "none" and "python (empty)" in rows

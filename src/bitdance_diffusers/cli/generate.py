@@ -34,7 +34,9 @@ def resolve_device(name: str) -> str:
     except (RuntimeError, ValueError):
         raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
     if device.type == "cpu":
-        return name
+        if device.index not in (None, 0):
+            raise UsageError(f"--device {name}: torch has one CPU device; use --device cpu.")
+        return "cpu"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             reason = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
@@ -262,6 +264,10 @@ def run_generate(args, verbosity: str = "normal") -> list[Path]:
             save_image(image, path, format_name, overwrite=args.overwrite)
         except FileExistsError:
             raise UsageError(f"{path} was created by something else while generating; it was left alone.") from None
+        except OSError as error:  # e.g. the disk filled up during the run; nothing partial is left behind
+            raise UsageError(
+                f"Cannot write {path} ({error.strerror or error}); free space or choose another --output."
+            ) from error
         print(path if verbosity == "quiet" else f"wrote {path} ({image.width}x{image.height})", flush=True)
     return paths
 
