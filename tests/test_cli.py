@@ -296,6 +296,7 @@ def test_inputs_the_pipeline_refuses_are_user_errors(tmp_path, capsys):
     assert "no such animal" in line
 
 
+@pytest.mark.slow
 def test_hub_ids_offline_are_read_from_the_cache_or_refused(saved_tiny, tmp_path):
     snapshot, env = offline_hub_cache(tmp_path, "someone/bitdance-tiny")
     shutil.copytree(saved_tiny, snapshot)
@@ -373,6 +374,7 @@ def run_program_reporting_modules(*argv, cwd):
     return result
 
 
+@pytest.mark.slow
 def test_the_readme_command_prints_only_our_lines(tmp_path):
     result = run_program_reporting_modules("generate", "--prompt", PROMPT, "--output", "circle.png", "--steps", "3",
                                            cwd=tmp_path)  # fmt: skip
@@ -389,6 +391,7 @@ def test_the_readme_command_prints_only_our_lines(tmp_path):
     assert quantized.stdout.splitlines()[-1] == "{'torchao': True, 'bitsandbytes': False}"
 
 
+@pytest.mark.slow
 def test_quiet_and_verbose(tmp_path):
     quiet = run_program_reporting_modules("generate", "--prompt", PROMPT, "--output", "c.png", "--steps", "1",
                                           "--quiet", cwd=tmp_path)  # fmt: skip

@@ -97,12 +97,13 @@ def test_prompt_files(tmp_path, suffix):
             read_prompts(str(path))
 
 
+@pytest.mark.slow
 def test_two_processes_and_resume(saved_tiny, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", [f"prompt number {i}" for i in range(3)])
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "--model", str(saved_tiny), "--prompts",
-        str(prompts), "--output_dir", str(tmp_path / "out"), *SMALL_RUN,
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+        "--model", str(saved_tiny), "--prompts", str(prompts), "--output_dir", str(tmp_path / "out"), *SMALL_RUN,
     ]  # fmt: skip
     first = subprocess.run(command, capture_output=True, text=True, check=True)
     assert_consistent(tmp_path / "out", [f"prompt number {i}" for i in range(3)])
@@ -115,6 +116,7 @@ def test_two_processes_and_resume(saved_tiny, tmp_path):
     assert_consistent(tmp_path / "out", [f"prompt number {i}" for i in range(3)])
 
 
+@pytest.mark.slow
 def test_changed_prompts_and_settings_are_refused_then_regenerated_with_overwrite(saved_tiny, tmp_path):
     out = tmp_path / "out"
     run_script(saved_tiny, write_prompts(tmp_path / "p.jsonl", ["a red circle", "a blue square", "a star"]), out)
@@ -137,6 +139,7 @@ def test_changed_prompts_and_settings_are_refused_then_regenerated_with_overwrit
     assert all(after[name] == before[name] for name in kept)  # the matching prompt was not regenerated
 
 
+@pytest.mark.slow
 def test_files_of_others_are_never_touched(saved_tiny, tmp_path):
     out = tmp_path / "out"
     (out / "00000").mkdir(parents=True)
@@ -178,6 +181,7 @@ def test_bad_arguments_are_refused_before_any_work(saved_tiny, tmp_path, options
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_during_generation_then_rerun_loses_nothing_and_leaves_nothing_stale(saved_tiny, tmp_path):
     prompts = [f"prompt number {i}" for i in range(12)]
     write_prompts(tmp_path / "p.jsonl", prompts)
@@ -202,6 +206,7 @@ def test_sigkill_during_generation_then_rerun_loses_nothing_and_leaves_nothing_s
     assert all(after[name] == data for name, data in before.items())  # finished prompts kept as they were
 
 
+@pytest.mark.slow
 def test_interrupted_states_are_completed(saved_tiny, tmp_path):
     """The states a kill can leave, made by hand: a manifest without images beside a half-written temporary file and
     an image of the interrupted write, an empty folder. The next run completes them without --overwrite."""

@@ -133,14 +133,7 @@ def check_request(args, source: ModelSource) -> tuple[int | None, int | None]:
     return height, width
 
 
-def check_switches(
-    device: str,
-    quantize: str | None = None,
-    offload: str | None = None,
-    cuda_graphs: bool = False,
-    loras: list[str] = (),
-    lora_scales: list[float] | None = None,
-) -> None:
+def check_switches(device: str, quantize: str | None = None, offload: str | None = None, cuda_graphs: bool = False):
     """Refuse switches that do not fit the device or each other."""
     on_cuda = str(device).startswith("cuda")
     if quantize in CUDA_ONLY_SCHEMES and not on_cuda:
@@ -154,10 +147,6 @@ def check_switches(
         )
     if cuda_graphs and not on_cuda:
         raise UsageError(f"--cuda_graphs needs a CUDA GPU (--device {device} given); drop it on a CPU.")
-    if lora_scales is not None and len(lora_scales) != len(loras):
-        raise UsageError(
-            f"Got {len(lora_scales)} --lora_scale values for {len(loras)} --lora files; give one per file."
-        )
     if cuda_graphs and offload == "sequential":
         raise UsageError(
             "--cuda_graphs cannot replay a language model whose layers are moved to the GPU inside every forward "
@@ -185,7 +174,8 @@ def load_pipeline(
         UsageError: switches that do not fit the device or each other, and files that do not load (the message names
             the file and the fix).
     """
-    check_switches(device, quantize, offload, cuda_graphs, loras, lora_scales)
+    check_switches(device, quantize, offload, cuda_graphs)
+    check_loras(loras, lora_scales)
     source = resolve_model(model)
     folder = model_folder(source)
     if folder is None:
@@ -249,7 +239,7 @@ def run_generate(args, verbosity: str = "normal") -> list[Path]:
     with library_output(verbosity):
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        check_switches(device, args.quantize, args.offload, args.cuda_graphs, args.lora, args.lora_scale)
+        check_switches(device, args.quantize, args.offload, args.cuda_graphs)
         if verbosity != "quiet":
             announce_default_model(source)
         folder = model_folder(source)
