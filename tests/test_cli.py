@@ -391,14 +391,14 @@ def test_the_readme_command_prints_only_our_lines(tmp_path):
     assert quantized.stdout.splitlines()[-1] == "{'torchao': True, 'bitsandbytes': False}"
 
 
-@pytest.mark.slow
-def test_quiet_and_verbose(tmp_path):
-    quiet = run_program_reporting_modules("generate", "--prompt", PROMPT, "--output", "c.png", "--steps", "1",
-                                          "--quiet", cwd=tmp_path)  # fmt: skip
-    assert quiet.stderr == "" and quiet.stdout.splitlines()[0] == "c.png"
-    verbose = run_program_reporting_modules("generate", "--prompt", PROMPT, "--output", "v.png", "--steps", "1",
-                                            "--verbose", cwd=tmp_path)  # fmt: skip
-    assert "Loading pipeline components" in verbose.stderr  # the libraries' loading bars are back
+def test_quiet_and_verbose(tmp_path, capsys):
+    cli.main(["generate", "--prompt", PROMPT, "--steps", "1", "--output", str(tmp_path / "q.png"), "--quiet"])
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and quiet.out == f"{tmp_path / 'q.png'}\n"  # no note, no bar: the path alone
+    cli.main(["generate", "--prompt", PROMPT, "--steps", "1", "--output", str(tmp_path / "v.png"), "--verbose"])
+    verbose = capsys.readouterr()
+    assert "Loading pipeline components" in verbose.err  # the libraries' loading bars are back
+    assert "No --model given" in verbose.err and "token blocks: 100%" in verbose.err
 
 
 def test_library_output_settings_are_restored_after_an_in_process_run(tmp_path):
