@@ -373,7 +373,7 @@ def test_command_line_applies_lora_files(tmp_path, capsys):
     def generate(*options):
         output = tmp_path / "image.png"
         cli.main(["generate", "--model", str(tmp_path / "model"), "--prompt", "a red circle", "--steps", "2",
-                  "--output", str(output), *options])  # fmt: skip
+                  "--output", str(output), "--overwrite", *options])  # fmt: skip
         return np.asarray(Image.open(output))
 
     base, adapted = generate(), generate("--lora", str(tmp_path / "lora"))

@@ -1,7 +1,6 @@
-"""The diffusers workflows users reach for: Hub ids from the cache, dtypes, variants, compile, attention backends,
-and the data-parallel dataset generation script."""
+"""The diffusers workflows users reach for: Hub ids from the cache, dtypes, variants, compile, attention backends
+(the dataset generation script: tests/test_generate_dataset.py)."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import torch
 
 from bitdance_diffusers import BitDancePipeline
 from bitdance_diffusers.random_pipeline import build_random_pipeline
-from conftest import REPO, offline_hub_cache
+from conftest import offline_hub_cache
 
 
 KWARGS = dict(height=128, width=128, num_inference_steps=2, guidance_scale=3.0, output_type="latent")
@@ -88,44 +87,3 @@ def test_attention_backends_of_the_head(tiny_pipe):
     assert (native - math).abs().max() < 1e-5
     with pytest.raises(ValueError):
         head.set_attention_backend("no-such-backend")
-
-
-@pytest.mark.parametrize("suffix", ["txt", "json", "jsonl"])
-def test_dataset_generation_reads_prompt_files(tmp_path, suffix):
-    sys.path.insert(0, str(REPO / "examples"))
-    from generate_dataset import read_prompts
-
-    prompts = ["a red circle", "a blue square"]
-    path = tmp_path / f"prompts.{suffix}"
-    if suffix == "txt":
-        path.write_text("\n".join(prompts) + "\n\n")
-    elif suffix == "json":
-        path.write_text(json.dumps([{"prompt": p, "tag": "x"} for p in prompts]))
-    else:
-        path.write_text("\n".join(json.dumps({"prompt": p, "include": []}) for p in prompts))
-    assert [record["prompt"] for record in read_prompts(str(path))] == prompts
-    path.write_text(json.dumps([{"text": "no prompt field"}]) if suffix != "txt" else "")
-    if suffix != "txt":
-        with pytest.raises(ValueError, match="has no 'prompt'"):
-            read_prompts(str(path))
-
-
-def test_dataset_generation_two_processes_and_resume(saved_tiny, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": f"prompt number {i}", "tag": i}) for i in range(3)))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "examples" / "generate_dataset.py"),
-        "--model", str(saved_tiny), "--prompts", str(prompts), "--output_dir", str(tmp_path / "out"),
-        "--images_per_prompt", "2", "--height", "64", "--width", "64", "--steps", "1", "--dtype", "fp32",
-    ]  # fmt: skip
-    first = subprocess.run(command, capture_output=True, text=True, check=True)
-    pngs = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png"))
-    assert pngs == [f"{i:05d}/{k:04d}.png" for i in range(3) for k in range(2)]
-    assert "process 0/2: 2 of 2 prompts" in first.stdout and "process 1/2: 1 of 1 prompts" in first.stdout
-    assert json.loads((tmp_path / "out" / "00002" / "metadata.jsonl").read_text())["seeds"] == [4, 5]
-
-    (tmp_path / "out" / "00001" / "0001.png").unlink()
-    second = subprocess.run(command, capture_output=True, text=True, check=True)
-    assert "process 0/2: 0 of 2 prompts" in second.stdout and "process 1/2: 1 of 1 prompts" in second.stdout
-    assert (tmp_path / "out" / "00001" / "0001.png").exists()

@@ -21,10 +21,17 @@ Schemes (weights are quantized while loading; activations stay in the compute dt
 
 The projector, the autoencoder, embeddings and norms stay unquantized. `quantize_model_` applies a scheme to a model
 already in memory (a pipeline built or loaded unquantized), with the same layer types.
+
+Importing this module imports nothing heavy: torch, diffusers and the quantization libraries load in the functions,
+when a scheme is asked for.
 """
 
-import torch
-from diffusers.quantizers import PipelineQuantizationConfig
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers.quantizers import PipelineQuantizationConfig
 
 
 QUANTIZATION_SCHEMES = ("int8wo", "fp8wo", "fp8", "nf4", "int8")
@@ -41,19 +48,24 @@ TRANSFORMERS_COMPONENTS = ("language_model",)
 def pipeline_quantization_config(
     scheme: str,
     components: tuple[str, ...] | list[str] = DEFAULT_COMPONENTS,
-    compute_dtype: torch.dtype = torch.bfloat16,
-) -> PipelineQuantizationConfig:
+    compute_dtype: "torch.dtype | None" = None,
+) -> "PipelineQuantizationConfig":
     """The `PipelineQuantizationConfig` that quantizes ``components`` with ``scheme`` when a pipeline loads.
 
     Args:
         scheme (`str`): one of ``QUANTIZATION_SCHEMES`` (see the module docstring).
         components (`tuple[str]`): names of the pipeline components to quantize; pass
             ``("transformer", "diffusion_head")`` for `BitDanceImageNetPipeline`.
-        compute_dtype (`torch.dtype`): dtype of the bitsandbytes matmuls (``"nf4"``); match the pipeline's ``dtype``.
+        compute_dtype (`torch.dtype`, defaults to `torch.bfloat16`): dtype of the bitsandbytes matmuls (``"nf4"``);
+            match the pipeline's ``dtype``.
     """
+    import torch
+    from diffusers.quantizers import PipelineQuantizationConfig
+
     _check_scheme(scheme)
     if not components:
         raise ValueError("`components` is empty; name at least one pipeline component to quantize.")
+    compute_dtype = torch.bfloat16 if compute_dtype is None else compute_dtype
     return PipelineQuantizationConfig(
         quant_mapping={name: _component_config(scheme, name in TRANSFORMERS_COMPONENTS, compute_dtype) for name in components}
     )  # fmt: skip
@@ -64,7 +76,7 @@ def _check_scheme(scheme: str):
         raise ValueError(f"Unknown quantization scheme {scheme!r}; choose one of {', '.join(QUANTIZATION_SCHEMES)}.")
 
 
-def _component_config(scheme: str, is_transformers: bool, compute_dtype: torch.dtype):
+def _component_config(scheme: str, is_transformers: bool, compute_dtype: "torch.dtype"):
     if scheme in BITSANDBYTES_SCHEMES:
         if is_transformers:
             from transformers import BitsAndBytesConfig
@@ -108,12 +120,14 @@ def torchao_quant_type(scheme: str):
     raise ValueError(f"{scheme!r} is not a torchao scheme; choose one of int8wo, fp8wo, fp8.")
 
 
-def quantize_model_(model: torch.nn.Module, scheme: str):
+def quantize_model_(model: "torch.nn.Module", scheme: str):
     """Quantize the ``nn.Linear`` layers of ``model`` in place with ``scheme``, on the device they are on.
 
     torchao schemes turn the weights into torchao tensor subclasses; ``"nf4"`` and ``"int8"`` replace the layers with
     bitsandbytes ``Linear4bit`` (computing in the layer's dtype) and ``Linear8bitLt``.
     """
+    import torch
+
     _check_scheme(scheme)
     if scheme not in BITSANDBYTES_SCHEMES:
         from torchao.quantization import quantize_
