@@ -21,6 +21,8 @@ import socket
 import time
 from pathlib import Path
 
+from .cli.arguments import UsageError
+
 
 MAX_SEED = 2**32 - 1
 MAX_IMAGES = 4
@@ -57,14 +59,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     """Load the pipeline of ``args.model`` and serve its app until interrupted (Ctrl+C)."""
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port {args.port} is not a TCP port; pass a number from 1 to 65535.")
+        raise UsageError(f"--port {args.port} is not a TCP port; pass a number from 1 to 65535.")
     if args.max_images < 1:
-        raise ValueError(f"--max_images {args.max_images} must be at least 1.")
+        raise UsageError(f"--max_images {args.max_images} must be at least 1.")
     check_port_free(args.host, args.port)  # before the model loads, not after
     try:
         import gradio as gr
     except ImportError as error:
-        raise SystemExit(
+        raise UsageError(
             'bitdance demo needs Gradio: pip install "bitdance-diffusers[demo]" (or pip install gradio).'
         ) from error
     import torch
@@ -89,13 +91,13 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Raise a ValueError naming the fix if nothing can listen on ``host:port``."""
+    """Raise a `UsageError` naming the fix if nothing can listen on ``host:port``."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise ValueError(
+            raise UsageError(
                 f"Cannot listen on {host}:{port} ({error.strerror}); pass another --port, or --host with an address "
                 "of this machine."
             ) from error

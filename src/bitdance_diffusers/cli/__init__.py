@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if program:
             hide_unused_quantization_libraries(getattr(args, "quantize", None))
-        run_demo(args)
+        run_reporting_errors("bitdance demo", "normal", lambda: run_demo(args))
         return
     verbosity = "quiet" if args.quiet else "verbose" if args.verbose else "normal"
     if program:
