@@ -20,7 +20,7 @@ steps, head sampling, decode, and the rest: orchestration, masks, caches, Python
 
 import argparse
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from bench_utils import (
@@ -34,10 +34,9 @@ from bench_utils import (
     peak_memory_gb,
     print_table,
     synchronize,
-    wrapped_head_calls,
 )
 
-from bitdance_diffusers.pipelines.pipeline_bitdance import _cache_argument_name
+from bitdance_diffusers.pipelines.engines import cache_argument_name
 from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES, quantize_model_
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 
@@ -46,56 +45,55 @@ PROMPT = "a photo of a red fox sitting in fresh snow at sunrise, highly detailed
 
 
 class Recorder:
-    """Wraps the components' forwards to time every call (synchronising on GPU) and keep its input shapes."""
+    """Times every language-model forward, head call and decode of a run (synchronising on GPU) and keeps their
+    shapes; it watches the engines' calls, so it sees CUDA-graph replays too."""
 
     def __init__(self, pipe, device):
         self.pipe, self.device = pipe, device
         self.times = {"prefill": [], "llm_step": [], "head": [], "decode": []}
-        self.llm_calls = []  # (input kind, shape, mask shape, position shape)
+        self.llm_calls = []  # (kind, (rows, new positions), mask shape)
         self.head_shapes = None
         self.block_ends = []
-        self._inside = False
 
     def _timed(self, function, bucket):
         def wrapper(*args, **kwargs):
-            if self._inside or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-                return function(*args, **kwargs)  # a nested or captured call: its caller is timed
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return function(*args, **kwargs)  # a captured call: its replay is timed
             synchronize(self.device)
             start = time.perf_counter()
-            self._inside = True
-            try:
-                result = function(*args, **kwargs)
-            finally:
-                self._inside = False
+            result = function(*args, **kwargs)
             synchronize(self.device)
-            self.times[bucket(args, kwargs) if callable(bucket) else bucket].append(time.perf_counter() - start)
+            self.times[bucket(args) if callable(bucket) else bucket].append(time.perf_counter() - start)
             return result
 
         return wrapper
 
-    def _llm_bucket(self, args, kwargs):
-        """``_language_model_step(cache, position_ids, mask, input_ids=... | inputs_embeds=...)``."""
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        source = ids if ids is not None else embeds
-        self.llm_calls.append(("ids" if ids is not None else "embeds", tuple(source.shape[:2]), tuple(args[2].shape)))
-        return "prefill" if ids is not None else "llm_step"
+    def _observe(self, kind, forward):
+        if kind == "head":
+            return self._timed(forward, self._head_bucket)
+        bucket = "prefill" if kind == "prefill" else "llm_step"
 
-    def _head_bucket(self, args, kwargs):
+        def llm_bucket(args):  # (position_ids, attention_mask, inputs_embeds)
+            self.llm_calls.append((bucket, tuple(args[2].shape[:2]), tuple(args[1].shape)))
+            return bucket
+
+        return self._timed(forward, llm_bucket)
+
+    def _head_bucket(self, args):
         self.head_shapes = (tuple(args[0].shape), tuple(args[2].shape))
         return "head"
 
     @contextmanager
     def attached(self):
         pipe = self.pipe
-        graphed_step = pipe._graphed_language_model_step
-        pipe._language_model_step = self._timed(pipe._language_model_step, self._llm_bucket)
-        pipe._graphed_language_model_step = lambda cache: self._timed(graphed_step(cache), self._llm_bucket)
         pipe.vae.decode = self._timed(pipe.vae.decode, "decode")
         try:
-            with wrapped_head_calls(pipe, lambda head: self._timed(head, self._head_bucket)):
+            with ExitStack() as stack:
+                stack.enter_context(pipe.block_engine.observe_calls(self._observe))
+                stack.enter_context(pipe.head_sampler.observe_calls(self._observe))
                 yield self
         finally:
-            del pipe._language_model_step, pipe._graphed_language_model_step, pipe.vae.decode
+            del pipe.vae.decode
 
     def block_callback(self, pipe, block, timestep, callback_kwargs):
         synchronize(self.device)
@@ -141,7 +139,7 @@ def gpu_floor(pipe, sizes, recorder, bandwidth, flops_rate, decode_time) -> dict
         rows, new = shape[0], shape[1]
         attention = 4 * rows * config.num_attention_heads * new * mask_shape[-1] * config.head_dim * config.num_hidden_layers
         work = (2 * lm_params * rows * new + attention) / flops_rate
-        floors["prefill" if kind == "ids" else "llm_step"] += max(lm_bytes / bandwidth, work)
+        floors[kind] += max(lm_bytes / bandwidth, work)
     (rows, tokens, _), _ = recorder.head_shapes
     head_call = max(head_bytes / bandwidth, 2 * head_params * rows * tokens / flops_rate)
     floors["head"] = head_call * len(recorder.times["head"])
@@ -157,21 +155,17 @@ def cpu_floor(pipe, recorder, device) -> dict:
     dtype = lm.dtype
     floors = {"prefill": 0.0, "llm_step": 0.0, "head": 0.0, "decode": 0.0}
     cache = DynamicCache(config=lm.config)
-    cache_argument = _cache_argument_name(lm)
+    cache_argument = cache_argument_name(lm)
     for kind, shape, mask_shape in recorder.llm_calls:
         rows, new = shape[0], shape[1]
         mask = torch.zeros(mask_shape, dtype=dtype, device=device)
         positions = torch.arange(mask_shape[-1] - new, mask_shape[-1], device=device).expand(rows, -1)
-        inputs = (
-            {"input_ids": torch.zeros(shape, dtype=torch.long, device=device)}
-            if kind == "ids"
-            else {"inputs_embeds": torch.randn(*shape, lm.config.hidden_size, dtype=dtype, device=device)}
-        )
+        embeds = torch.randn(*shape, lm.config.hidden_size, dtype=dtype, device=device)
         synchronize(device)
         start = time.perf_counter()
-        lm(**inputs, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_argument: cache})
+        lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_argument: cache})
         synchronize(device)
-        floors["prefill" if kind == "ids" else "llm_step"] += time.perf_counter() - start
+        floors[kind] += time.perf_counter() - start
 
     (rows, tokens, channels), condition_shape = recorder.head_shapes
     sample = torch.randn(rows, tokens, channels, device=device)

@@ -23,6 +23,7 @@ from bitdance_diffusers.training import (
     train_text_to_image,
 )
 from conftest import REPO, generator, offline_hub_cache
+from cuda_graph_stub import eager_graphs  # noqa: F401 (fixture)
 
 
 def fresh_pipe():
@@ -223,13 +224,19 @@ def test_adapters_load_by_hub_id_from_the_offline_cache(tmp_path):
     assert result.stdout.strip() == "[('diffusion_head', ['style']), ('language_model', ['style'])]"
 
 
-def test_every_change_of_the_adapters_drops_captured_cuda_graphs(tmp_path):
-    """A head graph replays the adapters and scales of its capture: each change must start a fresh runner."""
+def test_every_change_of_the_adapters_drops_captured_cuda_graphs(tmp_path, eager_graphs):
+    """A head graph replays the adapters and scales of its capture: after each change the next call captures anew,
+    and without a change the graphs are replayed (captures stubbed, see cuda_graph_stub)."""
     pipe = fresh_pipe()
     add_random_adapters(pipe, LORA_TARGET_MODULES)
     save_adapters(pipe, tmp_path)
     pipe = fresh_pipe()
-    pipe.enable_cuda_graphs()  # nothing is captured before a CUDA call; the runner object is what gets replaced
+    pipe.enable_cuda_graphs(backbone=False)
+
+    def head_captures():
+        pipe("a", height=64, width=64, num_inference_steps=1, generator=generator(0), output_type="latent")
+        return sum(runner.function is pipe.diffusion_head for runner in eager_graphs)
+
     changes = [
         lambda: pipe.load_lora_weights(tmp_path, adapter_name="style"),
         lambda: pipe.set_adapters("style", 0.5),
@@ -237,18 +244,17 @@ def test_every_change_of_the_adapters_drops_captured_cuda_graphs(tmp_path):
         lambda: pipe.unfuse_lora(),
         lambda: pipe.disable_lora(),
         lambda: pipe.enable_lora(),
-        lambda: pipe.set_lora_device(["style"], "cpu"),
         lambda: pipe.delete_adapters("style"),
         lambda: pipe.load_lora_weights(tmp_path, adapter_name="other"),
         lambda: pipe.unload_lora_weights(),
     ]
+    captured = head_captures()
+    assert captured == 1 and head_captures() == captured  # replayed, not captured again
     for change in changes:
-        runner = pipe._head_cuda_graphs
         change()
-        assert pipe._head_cuda_graphs is not runner and pipe._head_cuda_graphs.module is pipe.diffusion_head
-    pipe.disable_cuda_graphs()
-    pipe.load_lora_weights(tmp_path)
-    assert pipe._head_cuda_graphs is None
+        assert head_captures() == captured + 1
+        captured += 1
+        assert head_captures() == captured
 
 
 def test_loading_after_model_offload_keeps_the_offload(tmp_path):

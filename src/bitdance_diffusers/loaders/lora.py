@@ -113,9 +113,9 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
     Load, save, fuse and switch LoRA adapters of the backbone and the diffusion head.
 
     Each pipeline names its adaptable components in ``_lora_loadable_modules``: ``["language_model",
-    "diffusion_head"]`` for text-to-image, ``["transformer", "diffusion_head"]`` for the ImageNet models. Every method
-    that changes the adapters ends with the pipeline's ``reset_cuda_graphs``, so that no CUDA graph replays the old
-    ones.
+    "diffusion_head"]`` for text-to-image, ``["transformer", "diffusion_head"]`` for the ImageNet models. No CUDA graph
+    replays old adapters: the pipeline's engines compare the adapters, scales and weights of their modules before
+    replaying (`pipelines.engines.cuda_graphs.graph_dependencies`).
     """
 
     _lora_loadable_modules: list[str] = []
@@ -208,7 +208,6 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
                                                   low_cpu_mem_usage)  # fmt: skip
         finally:
             self._reapply_offloading(*offloading)
-            self.reset_cuda_graphs()
 
     def _load_component_lora(self, name, model, state_dict, metadata, adapter_name, hotswap, low_cpu_mem_usage):
         prefix = f"{name}."
@@ -322,38 +321,10 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
             adapter_names=adapter_names,
             **kwargs,
         )
-        self.reset_cuda_graphs()
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs):
         """Undo `fuse_lora` on ``components`` (default: every adaptable component)."""
         super().unfuse_lora(components=components or self._lora_loadable_modules, **kwargs)
-        self.reset_cuda_graphs()
-
-    # The other changes of the adapters, as in diffusers, then a reset of the captured graphs.
-
-    def set_adapters(self, *args, **kwargs):
-        super().set_adapters(*args, **kwargs)
-        self.reset_cuda_graphs()
-
-    def enable_lora(self):
-        super().enable_lora()
-        self.reset_cuda_graphs()
-
-    def disable_lora(self):
-        super().disable_lora()
-        self.reset_cuda_graphs()
-
-    def delete_adapters(self, adapter_names: list[str] | str):
-        super().delete_adapters(adapter_names)
-        self.reset_cuda_graphs()
-
-    def unload_lora_weights(self):
-        super().unload_lora_weights()
-        self.reset_cuda_graphs()
-
-    def set_lora_device(self, adapter_names: list[str], device: torch.device | str | int):
-        super().set_lora_device(adapter_names, device)
-        self.reset_cuda_graphs()
 
 
 def adapter_state_and_config(model: torch.nn.Module, adapter_name: str = "default") -> tuple[dict, dict]:

@@ -1,6 +1,5 @@
 """BitDancePipeline: text-to-image generation by next-block diffusion over binary tokens."""
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -11,18 +10,23 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..loaders.lora import BitDanceLoraLoaderMixin
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..models.diffusion_head import BitDanceDiffusionHead
-from ..models.embeddings import sincos_2d_sequence
 from ..models.projector import BitDanceProjector
-from ..utils.attention_masks import additive_mask, block_causal_allowed
-from ..utils.cuda_graphs import CUDAGraphRunner
-from ..utils.grouped_query_attention import packed_gqa_attention
+from ..special_tokens import (
+    IMAGE_START_TOKEN,
+    NUM_RESOLUTION_TOKENS,
+    UNCONDITIONAL_PROMPT,
+    USER_TEMPLATE,
+    query_token,
+    resolution_token,
+)
 from ..utils.token_layout import patch_size_for_block, sequence_to_grid
 from .block_sampling import BlockAutoregressiveMixin
+from .engines import DiffusionHeadSampler, LanguageModelBlockEngine, embed_token_ids
 
 
 EXAMPLE_DOC_STRING = """
@@ -44,16 +48,6 @@ DEFAULT_IMAGE_SIZES = [
     [896, 1152], [768, 1280], [640, 1536], [512, 1920], [512, 2048],
     [1024, 256], [896, 256], [640, 384], [512, 512], [384, 640], [256, 896], [256, 1024],
 ]  # fmt: skip
-
-USER_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-UNCONDITIONAL_PROMPT = "<|im_start|>assistant\n"
-IMAGE_START_TOKEN = "<|vision_start|>"
-
-
-def _cache_argument_name(model: torch.nn.Module) -> str:
-    """transformers >= 5.24 calls the cache argument ``cache``; earlier versions ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
 
 class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, DiffusionPipeline):
     r"""
@@ -107,6 +101,8 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
         self.vae_scale_factor = vae.downsample_factor if vae is not None else 16
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._special_token_ids = None
+        self.block_engine = LanguageModelBlockEngine()
+        self.head_sampler = DiffusionHeadSampler()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -136,28 +132,29 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
 
     def special_token_ids(self) -> dict:
         """Ids of the image-start, resolution and query tokens, looked up by name in the tokenizer."""
-        if self._special_token_ids is None:
+        if self._special_token_ids is None or self._special_token_ids[0] is not self.tokenizer:
             vocab = self.tokenizer.get_vocab()
             block_size = self.config.block_size
-            names = [IMAGE_START_TOKEN] + [f"<|query_{k}|>" for k in range(1, block_size)]
+            names = [IMAGE_START_TOKEN] + [query_token(k) for k in range(1, block_size)]
             missing = [name for name in names if name not in vocab]
-            missing += [f"<|res_{k}|>" for k in (1, 256) if f"<|res_{k}|>" not in vocab]
+            edges = (f"<|res_{k}|>" for k in (1, NUM_RESOLUTION_TOKENS))
+            missing += [name for name in edges if name not in vocab]
             if missing:
                 raise ValueError(
                     f"The tokenizer lacks BitDance's special tokens {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
-                    f"a block size of {block_size} needs {IMAGE_START_TOKEN}, <|res_1|>..<|res_256|> and "
-                    f"<|query_1|>..<|query_{block_size - 1}|>. Load the tokenizer that ships with the checkpoint."
+                    f"a block size of {block_size} needs {IMAGE_START_TOKEN}, "
+                    f"<|res_1|>..<|res_{NUM_RESOLUTION_TOKENS}|> and {query_token(1)}..{query_token(block_size - 1)}. "
+                    "Load the tokenizer that ships with the checkpoint."
                 )
-            self._special_token_ids = {
-                "image_start": vocab[IMAGE_START_TOKEN],
-                "queries": [vocab[f"<|query_{k}|>"] for k in range(1, block_size)],
-            }
-        return self._special_token_ids
+            queries = [vocab[query_token(k)] for k in range(1, block_size)]
+            ids = {"image_start": vocab[IMAGE_START_TOKEN], "queries": queries}
+            self._special_token_ids = (self.tokenizer, ids)
+        return self._special_token_ids[1]
 
     def image_prefix_ids(self, height: int, width: int) -> list[int]:
         """``[<|vision_start|>, <|res_{H/16}|>, <|res_{W/16}|>, <|query_1|> .. <|query_{P-1}|>]`` (height first)."""
         ids = self.special_token_ids()
-        resolution = [self.tokenizer.convert_tokens_to_ids(f"<|res_{size // 16}|>") for size in (height, width)]
+        resolution = [self.tokenizer.convert_tokens_to_ids(resolution_token(size)) for size in (height, width)]
         return [ids["image_start"], *resolution, *ids["queries"]]
 
     def encode_prompt(
@@ -218,109 +215,6 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
         if callback_inputs is not None and not all(k in self._callback_tensor_inputs for k in callback_inputs):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}.")
         self.check_scheduler()
-
-    # Language model ------------------------------------------------------------------------------------------
-
-    def _language_model_step(self, cache, position_ids, attention_mask, input_ids=None, inputs_embeds=None):
-        """One cached forward; returns the last ``P`` hidden states ``[R, P, D]``."""
-        output = self.language_model(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self._cache_argument: cache},
-        )
-        return output.last_hidden_state[:, -self.config.block_size :]
-
-    def _graphed_language_model_step(self, cache: StaticCache):
-        """``_language_model_step`` over ``cache`` replayed from a CUDA graph (captured at the first block)."""
-        fill_counters = [layer.cumulative_length for layer in getattr(cache, "layers", [])]
-        if not all(isinstance(counter, torch.Tensor) for counter in fill_counters) or not fill_counters:
-            raise RuntimeError(
-                "CUDA graphs for the language model need a transformers StaticCache that counts its fill on the "
-                "device (transformers >= 5.24); upgrade transformers or call `enable_cuda_graphs(backbone=False)`."
-            )
-
-        def step(position_ids, attention_mask, inputs_embeds):
-            return self._language_model_step(cache, position_ids, attention_mask, inputs_embeds=inputs_embeds)
-
-        runner = CUDAGraphRunner(step, state=fill_counters)
-
-        def graphed_step(_cache, position_ids, attention_mask, inputs_embeds):
-            """Same call as `_language_model_step` (the graph is bound to ``cache`` already)."""
-            return runner(position_ids, attention_mask, inputs_embeds)
-
-        return graphed_step
-
-    def prefill(
-        self, row_ids: list[list[int]], prefix_ids: list[int], device: torch.device, max_cache_len: int | None = None
-    ):
-        """Run every row's prompt + image prefix as one left-padded batch.
-
-        The prompt part is causal; the ``P`` positions ``[<|res_w|>, <|query_1..P-1|>]`` form the first bidirectional
-        block, whose outputs condition image block 0. With ``max_cache_len`` the KV cache is a preallocated
-        ``StaticCache`` of that many positions (the mask then spans all of them); otherwise a growing ``DynamicCache``.
-
-        Returns:
-            ``(hidden [R, P, D], cache, key_padding [R, L] bool, lengths [R])``.
-        """
-        block_size = self.config.block_size
-        sequences = [ids + prefix_ids for ids in row_ids]
-        lengths = torch.tensor([len(s) for s in sequences], device=device)
-        max_length = max(len(s) for s in sequences)  # from the host lists: no device sync
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad_id] * (max_length - len(s)) + s for s in sequences], device=device)
-        key_padding = torch.arange(max_length, device=device)[None] < (max_length - lengths)[:, None]
-        position_ids = (torch.arange(max_length, device=device)[None] - (max_length - lengths)[:, None]).clamp_min(0)
-        allowed = block_causal_allowed(max_length - block_size, 1, block_size, device=device)[None] & ~key_padding[:, None]
-        if max_cache_len is None:
-            cache = DynamicCache(config=self.language_model.config)
-        else:
-            cache = StaticCache(config=self.language_model.config, max_cache_len=max_cache_len)
-            allowed = torch.cat([allowed, allowed.new_zeros(len(sequences), max_length, max_cache_len - max_length)], 2)
-        mask = additive_mask(allowed, self.language_model.dtype).unsqueeze(1)
-        hidden = self._language_model_step(cache, position_ids, mask, input_ids=input_ids)
-        return hidden, cache, key_padding, lengths
-
-    def _block_feeder(self, cache, key_padding: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
-                      max_cache_len: int | None) -> Callable[[torch.Tensor, int], torch.Tensor]:  # fmt: skip
-        """The ``feed_block`` of `sample_blocks`: embeds a sampled block ``[R, P, C]`` at its positions, runs it through
-        the language model over ``cache`` and returns the head condition of the next block ``[R, P, D]``.
-
-        Args:
-            cache, key_padding, lengths: from `prefill`.
-            positions: ``[num_blocks * P, D]`` float32 sin-cos positions of the image tokens.
-            max_cache_len: the static cache's length, or ``None`` for a growing cache.
-        """
-        block_size = self.config.block_size
-        lm_dtype = self.language_model.dtype
-        block_offsets = torch.arange(block_size, device=lengths.device)
-        num_rows = key_padding.shape[0]
-        # Every cached real token and the whole new block are visible; left padding (and, in a static cache, the
-        # positions not yet written) is not.
-        visible = ~key_padding
-        if max_cache_len is not None:
-            visible = torch.cat([visible, visible.new_zeros(num_rows, max_cache_len - visible.shape[1])], 1)
-        language_model_step = self._language_model_step
-        if self._cuda_graphs:  # implies the static cache (see `enable_cuda_graphs`)
-            language_model_step = self._graphed_language_model_step(cache)
-
-        def feed_block(tokens: torch.Tensor, block: int) -> torch.Tensor:
-            nonlocal visible
-            block_positions = positions[block * block_size : (block + 1) * block_size]
-            embeds = (self.projector(tokens).float() + block_positions).to(lm_dtype)
-            position_ids = lengths[:, None] + block * block_size + block_offsets
-            if max_cache_len is None:
-                visible = torch.cat([visible, visible.new_ones(num_rows, block_size)], 1)
-            else:
-                start = key_padding.shape[1] + block * block_size
-                visible[:, start : start + block_size] = True
-            mask = additive_mask(visible[:, None, None, :], lm_dtype)
-            hidden = language_model_step(cache, position_ids, mask, inputs_embeds=embeds)
-            return hidden.float() + positions[(block + 1) * block_size : (block + 2) * block_size]
-
-        return feed_block
 
     # Generation ----------------------------------------------------------------------------------------------
 
@@ -386,33 +280,25 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
-        self._cache_argument = _cache_argument_name(self.language_model)
 
         device = self._execution_device
         block_size = self.config.block_size
-        num_channels = self.vae.config.z_channels
         grid_height, grid_width = height // self.vae_scale_factor, width // self.vae_scale_factor
         num_blocks = grid_height * grid_width // block_size
         self._num_timesteps = num_blocks
 
         row_ids = self.encode_prompt(prompt, negative_prompt, self.do_classifier_free_guidance, num_images_per_prompt)
         num_images = len(row_ids) // (2 if self.do_classifier_free_guidance else 1)
-        prefix_ids = self.image_prefix_ids(height, width)
-        max_cache_len = None
-        if self._static_kv_cache:
-            max_cache_len = max(len(ids) for ids in row_ids) + len(prefix_ids) + (num_blocks - 1) * block_size
-        # Block steps attend to the KV cache without repeating it per query head (see `packed_gqa_attention`).
-        with packed_gqa_attention(self.language_model):
-            hidden, cache, key_padding, lengths = self.prefill(row_ids, prefix_ids, device, max_cache_len)
-            # Fixed 2-D sin-cos position of every image token (float32), added to the head condition and to the
-            # embedding of the same block's tokens when they are fed back.
-            positions = sincos_2d_sequence(grid_height, grid_width, hidden.shape[-1], block_size).to(device)
+        prompt_rows = [embed_token_ids(self.language_model, torch.tensor(ids), device) for ids in row_ids]
+        with self.block_engine.session(self.language_model, self.projector, block_size):
+            condition = self.block_engine.prefill(
+                prompt_rows, self.image_prefix_ids(height, width), grid_height, grid_width
+            )
             latents = self.sample_blocks(
-                condition=hidden.float() + positions[:block_size],
-                feed_block=self._block_feeder(cache, key_padding, lengths, positions, max_cache_len),
+                condition=condition,
                 num_images=num_images,
                 num_blocks=num_blocks,
-                num_channels=num_channels,
+                num_channels=self.vae.config.z_channels,
                 guidance_scales=[guidance_scale] * num_blocks,
                 num_inference_steps=num_inference_steps,
                 generator=generator,
@@ -420,8 +306,6 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, Diffus
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
-        # The KV cache (and a CUDA graph's memory pool) is done with: free it before the decode needs its memory.
-        del cache, hidden
 
         codes = sequence_to_grid(latents, grid_height, grid_width, block_size)
         image = self.decode_codes(codes, output_type, generator)

@@ -12,8 +12,6 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
-from transformers import DynamicCache
-
 from ..loaders.lora import BitDanceLoraLoaderMixin
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..models.diffusion_head import BitDanceDiffusionHead
@@ -22,6 +20,7 @@ from ..models.mlp_head import BitDanceMLPHead
 from ..utils.imagenet_labels import IMAGENET_ID2LABEL
 from ..utils.token_layout import sequence_to_grid
 from .block_sampling import BlockAutoregressiveMixin
+from .engines import DiffusionHeadSampler, ImageNetTransformerBlockEngine
 
 
 EXAMPLE_DOC_STRING = """
@@ -75,6 +74,8 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
         self.register_to_config(id2label=id2label)
         self.vae_scale_factor = vae.downsample_factor if vae is not None else 16
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.block_engine = ImageNetTransformerBlockEngine()
+        self.head_sampler = DiffusionHeadSampler()
         if id2label is None and transformer is not None and transformer.config.num_classes == len(IMAGENET_ID2LABEL):
             id2label = IMAGENET_ID2LABEL
         self._id2label = {int(key): value for key, value in (id2label or {}).items()}
@@ -260,25 +261,20 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
         if self.do_classifier_free_guidance:
             # Conditional rows first, then one null-class row per image: one batched forward per block.
             labels = torch.cat([labels, torch.full_like(labels, config.num_classes)])
-        cache = DynamicCache()
-        condition = self.transformer(class_labels=labels, past_key_values=cache).sample
-
-        def feed_block(tokens: torch.Tensor, block: int) -> torch.Tensor:
-            return self.transformer(tokens=tokens, past_key_values=cache).sample
-
-        latents = self.sample_blocks(
-            condition=condition,
-            feed_block=feed_block,
-            num_images=num_images,
-            num_blocks=num_blocks,
-            num_channels=config.in_channels,
-            guidance_scales=self.guidance_scales(guidance_scale, num_blocks, guidance_schedule),
-            num_inference_steps=num_inference_steps,
-            generator=generator,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
+        with self.block_engine.session(self.transformer):
+            condition = self.block_engine.prefill(labels)
+            latents = self.sample_blocks(
+                condition=condition,
+                num_images=num_images,
+                num_blocks=num_blocks,
+                num_channels=config.in_channels,
+                guidance_scales=self.guidance_scales(guidance_scale, num_blocks, guidance_schedule),
+                num_inference_steps=num_inference_steps,
+                generator=generator,
+                attention_kwargs=attention_kwargs,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
 
         codes = sequence_to_grid(latents, config.sample_size, config.sample_size, block_size)
         image = self.decode_codes(codes, output_type, generator)

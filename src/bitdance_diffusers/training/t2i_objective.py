@@ -2,7 +2,7 @@
 
 One teacher-forced forward of the language model sees, per row, ``[prompt, <|vision_start|>, <|res_h|>]`` causally,
 then the prefix block ``[<|res_w|>, <|query_1..P-1|>]`` and the image blocks ``0 .. n-2`` as bidirectional blocks
-(the block-causal mask of `utils.attention_masks`, the same one the cached inference builds step by step). The hidden
+(the block-causal mask of `models.attention_masks`, the same one the cached inference builds step by step). The hidden
 states of block ``j`` plus the 2-D sin-cos position of image block ``j`` condition the diffusion head, which learns
 block ``j`` with the flow objective: ``t ~ sigmoid(N(mean, std))``, ``z = (1 - t) noise + t x``, loss
 ``|v - v_hat|^2`` with ``v = (x - z) / max(1 - t, 0.05)`` and ``v_hat`` from the head's x-prediction.
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ..models.embeddings import sincos_2d_sequence
-from ..pipelines.block_sampling import x_prediction_to_velocity
+from ..pipelines.engines import x_prediction_to_velocity
 from ..pipelines.pipeline_bitdance import UNCONDITIONAL_PROMPT, BitDancePipeline
-from ..utils.attention_masks import left_padded_block_causal
+from ..models.attention_masks import left_padded_block_causal
 from ..utils.token_layout import grid_to_sequence
 
 
