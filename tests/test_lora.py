@@ -281,6 +281,10 @@ def test_bad_lora_files_are_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not found in the base model"):
         pipe.load_lora_weights({"language_model.layers.0.mlp.fc9.lora_A.weight": torch.zeros(4, 64),
                                 "language_model.layers.0.mlp.fc9.lora_B.weight": torch.zeros(64, 4)})  # fmt: skip
+    # Half an adapter: an up projection without its down projection and the reverse.
+    with pytest.raises(ValueError, match=r"incomplete: 2 tensors are missing, e\.g\. \['diffusion_head\.x\.lora_B\.weight'"):
+        pipe.load_lora_weights({"diffusion_head.x.lora_A.weight": torch.zeros(4, 4),
+                                "language_model.y.lora_B.weight": torch.zeros(4, 4)})  # fmt: skip
     # Saved for a deeper language model: its config targets q_proj, but layer 9 does not exist here.
     q_proj = pipe.language_model.layers[0].self_attn.q_proj
     BitDancePipeline.save_lora_weights(

@@ -1,5 +1,7 @@
 """BitDancePipeline behaviour on tiny random models: batching, RNG contract, schedulers, outputs, callbacks, errors."""
 
+import io
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -273,3 +275,14 @@ def test_static_kv_cache_gives_the_same_tokens(tiny_pipe):
     tiny_pipe.block_engine.static_cache = True
     static = tiny_pipe(prompts, generator=torch.Generator().manual_seed(5), **kwargs).images
     assert torch.equal(static, dynamic)
+
+
+def test_one_progress_bar_per_generation_labelled_by_the_pipeline_config(tiny_pipe, monkeypatch):
+    """One bar over the blocks, with no description of its own, so set_progress_bar_config(desc=...) labels it."""
+    bars, progress_bar = [], tiny_pipe.progress_bar
+    monkeypatch.setattr(tiny_pipe, "progress_bar", lambda **kwargs: bars.append(kwargs) or progress_bar(**kwargs))
+    stream = io.StringIO()
+    tiny_pipe.set_progress_bar_config(desc="blocks", file=stream, disable=False)
+    run(tiny_pipe, generator=generator(0))
+    output = stream.getvalue()
+    assert bars == [{"total": 4}] and output.count("blocks:   0%") == 1 and output.count("\n") == 1 and "4/4" in output

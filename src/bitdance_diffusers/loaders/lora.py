@@ -108,6 +108,19 @@ def load_lora_into_backbone(
         prepare_model_for_compiled_hotswap(model, config=model.peft_config, **hotswap_preparation)
 
 
+def check_lora_pairs(state_dict: dict):
+    """Raise unless every ``lora_A`` weight has its ``lora_B`` and the reverse (a half adapter would load as zeros or
+    fail deep inside PEFT)."""
+    down = {key.replace(".lora_A.", ".lora_*.") for key in state_dict if ".lora_A." in key}
+    up = {key.replace(".lora_B.", ".lora_*.") for key in state_dict if ".lora_B." in key}
+    missing = sorted([key.replace("*", "B") for key in down - up] + [key.replace("*", "A") for key in up - down])
+    if missing:
+        raise ValueError(
+            f"The LoRA checkpoint is incomplete: {len(missing)} tensors are missing, e.g. {missing[:3]} (every lora_A "
+            "weight needs its lora_B, and the reverse). Save the adapter again with save_lora_weights."
+        )
+
+
 class BitDanceLoraLoaderMixin(LoraBaseMixin):
     r"""
     Load, save, fuse and switch LoRA adapters of the backbone and the diffusion head.
@@ -195,6 +208,7 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
                 f"The LoRA checkpoint has layers for {unknown}, which {type(self).__name__} does not take; its "
                 f"adaptable components are {self._lora_loadable_modules} (tensor names start with the component)."
             )
+        check_lora_pairs(state_dict)
         models = [getattr(self, name) for name in self._lora_loadable_modules]
         if adapter_name is None:
             adapter_name = f"default_{max(len(getattr(model, 'peft_config', {})) for model in models)}"

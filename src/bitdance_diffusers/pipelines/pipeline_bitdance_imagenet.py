@@ -36,9 +36,6 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
-GUIDANCE_SCHEDULES = ("linear", "constant")
-
-
 class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin, DiffusionPipeline):
     r"""
     Class-conditional image generation with BitDance: a LlamaGen-style transformer reads 64 class tokens and then,
@@ -95,6 +92,12 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
                 self.labels[name] = next(iter(candidates))
             else:
                 self._ambiguous_labels[name] = sorted(ids)
+
+    @property
+    def num_blocks(self) -> int:
+        """Autoregressive blocks of an image: ``sample_size**2 / block_size``."""
+        config = self.transformer.config
+        return config.sample_size**2 // config.block_size
 
     # Labels ----------------------------------------------------------------------------------------------------
 
@@ -155,14 +158,14 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
         return ids
 
     def check_inputs(
-        self, guidance_schedule, num_inference_steps, num_images_per_label, generator, num_images, callback_inputs
-    ):
+        self, guidance_scale, guidance_schedule, num_inference_steps, num_images_per_label, generator, num_images,
+        callback_inputs,
+    ):  # fmt: skip
         if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
             raise ValueError(f"`num_images_per_label` must be a positive integer, got {num_images_per_label!r}.")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        self.check_guidance(guidance_scale, guidance_schedule, self.num_blocks)
         self.check_generator_type(generator)
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(
@@ -173,18 +176,6 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}.")
         self.check_scheduler()
 
-    def guidance_scales(self, guidance_scale: float, num_blocks: int, schedule: str) -> list[float]:
-        """CFG scale of every block.
-
-        ``"linear"`` is the original's schedule ``1 + (guidance_scale - 1) * block / num_blocks``: exactly 1.0 at the
-        first block, which the original then samples *without* guidance on the full conditional + unconditional
-        batch, so the two branches draw separate noise and get different first tokens (reproduced by
-        `BlockAutoregressiveMixin.sample_blocks`). ``"constant"`` uses ``guidance_scale`` for every block.
-        """
-        if schedule == "constant":
-            return [guidance_scale] * num_blocks
-        return [1 + (guidance_scale - 1) * block / num_blocks for block in range(num_blocks)]
-
     # Generation ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -193,7 +184,7 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
         self,
         class_labels: int | str | list[int | str],
         guidance_scale: float = 4.0,
-        guidance_schedule: str = "linear",
+        guidance_schedule: str | list[float] = "linear",
         num_inference_steps: int = 100,
         num_images_per_label: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -211,10 +202,13 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
                 `get_label_ids`).
             guidance_scale (`float`, defaults to 4.0): classifier-free guidance on the head's velocity; ``<= 1``
                 disables the unconditional branch. The original's tuned values: B-1x 3.2, B-4x 3.9, B-16x 6.1,
-                L-1x 4.0, H-1x 4.55.
-            guidance_schedule (`str`, defaults to `"linear"`): ``"linear"`` ramps the scale from 1 at the first block
-                to ``guidance_scale`` as the original does (see `guidance_scales`); ``"constant"`` guides every block
-                with ``guidance_scale`` (not the original's behaviour).
+                L-1x 4.0, H-1x 4.55. Live: a callback may change ``pipe._guidance_scale`` for the next blocks (the
+                schedule then ramps to the new value); once no later block is guided the unconditional branch leaves
+                the batch (half the cost).
+            guidance_schedule (`str` or `list[float]`, defaults to `"linear"`): ``"linear"`` ramps the scale from 1
+                at the first block to ``guidance_scale`` as the original does (see `guidance_scale_at`);
+                ``"constant"`` guides every block with ``guidance_scale`` (not the original's behaviour); a list of
+                one weight ``w >= 0`` per block gives each block ``1 + (guidance_scale - 1) * w``.
             num_inference_steps (`int`, defaults to 100): flow steps of the head per block (the default scheduler adds
                 one final deterministic step, as the original).
             num_images_per_label (`int`, defaults to 1): images per class label.
@@ -241,6 +235,7 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
         class_ids = self.resolve_class_labels(class_labels)
         num_images = len(class_ids) * num_images_per_label
         self.check_inputs(
+            guidance_scale,
             guidance_schedule,
             num_inference_steps,
             num_images_per_label,
@@ -248,14 +243,10 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
             num_images,
             callback_on_step_end_tensor_inputs,
         )
-        self._guidance_scale = guidance_scale
-        self._interrupt = False
-
-        device = self._execution_device
         config = self.transformer.config
-        block_size = config.block_size
-        num_blocks = config.sample_size**2 // block_size
-        self._num_timesteps = num_blocks
+        self.start_guidance(guidance_scale, guidance_schedule, self.num_blocks)
+        self._interrupt = False
+        device = self._execution_device
 
         labels = torch.tensor(class_ids, device=device).repeat_interleave(num_images_per_label)
         if self.do_classifier_free_guidance:
@@ -266,9 +257,7 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
             latents = self.sample_blocks(
                 condition=condition,
                 num_images=num_images,
-                num_blocks=num_blocks,
                 num_channels=config.in_channels,
-                guidance_scales=self.guidance_scales(guidance_scale, num_blocks, guidance_schedule),
                 num_inference_steps=num_inference_steps,
                 generator=generator,
                 attention_kwargs=attention_kwargs,
@@ -276,7 +265,7 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
 
-        codes = sequence_to_grid(latents, config.sample_size, config.sample_size, block_size)
+        codes = sequence_to_grid(latents, config.sample_size, config.sample_size, config.block_size)
         image = self.decode_codes(codes, output_type, generator)
 
         self.maybe_free_model_hooks()

@@ -16,7 +16,7 @@ import torch
 
 from ..models.embeddings import sincos_2d_sequence
 from ..pipelines.engines import x_prediction_to_velocity
-from ..pipelines.pipeline_bitdance import UNCONDITIONAL_PROMPT, BitDancePipeline
+from ..pipelines.pipeline_bitdance import BitDancePipeline
 from ..models.attention_masks import left_padded_block_causal
 from ..utils.token_layout import grid_to_sequence
 
@@ -60,7 +60,7 @@ def teacher_forced_conditions(
 
     Args:
         pipe: supplies the tokenizer, language model, projector and block size.
-        row_ids: prompt token ids per row (as `BitDancePipeline.encode_prompt` builds them).
+        row_ids: prompt token ids per row (as `BitDancePipeline.tokenize_prompt` builds them).
         codes: ±1 grids ``[B, C, h, w]`` (the image of each row).
         input_tokens: the tokens fed to the language model ``[B, h*w, C]`` (e.g. with flipped bits); default: ``codes``.
 
@@ -103,10 +103,8 @@ def t2i_training_loss(
 ) -> torch.Tensor:
     """The generator's training loss on ``codes [B, C, h, w]`` with their ``captions``."""
     drop = torch.rand(len(captions), generator=generator, device=codes.device) < config.text_dropout
-    unconditional = pipe.tokenizer.encode(UNCONDITIONAL_PROMPT)
-    row_ids = [
-        unconditional if dropped else pipe.encode_prompt(caption, None, False)[0] for caption, dropped in zip(captions, drop)
-    ]
+    # A dropped caption reads the prompt-free template of the unconditional branch.
+    row_ids = pipe.tokenize_prompt([None if dropped else caption for caption, dropped in zip(captions, drop)])
     targets = grid_to_sequence(codes, pipe.config.block_size)
     inputs = flip_bits(targets, config.bit_flip_max, generator)
     conditions = teacher_forced_conditions(pipe, row_ids, codes, inputs)

@@ -90,8 +90,8 @@ def graph_dependencies(module: torch.nn.Module) -> tuple:
     for name, submodule in module.named_modules():
         diffusers_hooks = getattr(submodule, "_diffusers_hook", None)
         hooks = tuple(diffusers_hooks.hooks) if diffusers_hooks is not None else ()
-        compiled, accelerate_hook = getattr(submodule, "_compiled_call_impl", None), getattr(submodule, "_hf_hook", None)
-        entries.append((name, type(submodule), id(compiled), id(accelerate_hook), hooks))
+        compiled = getattr(submodule, "_compiled_call_impl", None)
+        entries.append((name, type(submodule), id(compiled), id(getattr(submodule, "_hf_hook", None)), hooks))
         if hasattr(submodule, "lora_A") and hasattr(submodule, "merged_adapters"):  # a PEFT LoRA layer
             adapters = (submodule.active_adapters, submodule.merged_adapters, sorted(submodule.scaling.items()))
             entries.append((*map(tuple, adapters), bool(submodule.disable_adapters)))
