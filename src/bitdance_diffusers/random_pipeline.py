@@ -8,6 +8,7 @@ import torch
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from .conversion.imagenet import imagenet_id2label
 from .model_presets import IMAGENET_PRESETS, T2I_PRESETS
 from .models import (
     BitDanceDiffusionHead,
@@ -114,12 +115,13 @@ def build_random_imagenet_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> BitDanceImageNetPipeline:
-    """A complete `BitDanceImageNetPipeline` with random weights; ``sample_size`` 4 gives 64x64 images."""
+    """A complete `BitDanceImageNetPipeline` with random weights; ``sample_size`` 4 gives 64x64 images. With 1000
+    classes it knows the ImageNet-1k label names, as a converted release does."""
     torch.manual_seed(seed)
     with torch.device(device):
         transformer, head = build_imagenet_models(size, block_size, num_classes, sample_size)
         vae = BitDanceTokenizer(z_channels=32, **T2I_PRESETS["tiny"]["vae"])
-    pipe = BitDanceImageNetPipeline(
-        transformer=transformer.eval(), diffusion_head=head.eval(), vae=vae.eval(), scheduler=BinaryFlowScheduler()
-    )
+    id2label = imagenet_id2label() if num_classes == 1000 else None
+    pipe = BitDanceImageNetPipeline(transformer=transformer.eval(), diffusion_head=head.eval(), vae=vae.eval(),
+                                    scheduler=BinaryFlowScheduler(), id2label=id2label)  # fmt: skip
     return pipe if dtype == torch.float32 else pipe.to(dtype)

@@ -17,7 +17,6 @@ from ..models.binary_autoencoder import BitDanceTokenizer
 from ..models.diffusion_head import BitDanceDiffusionHead
 from ..models.imagenet_transformer import BitDanceImageNetTransformer
 from ..models.mlp_head import BitDanceMLPHead
-from ..utils.imagenet_labels import IMAGENET_ID2LABEL
 from ..utils.token_layout import sequence_to_grid
 from .block_sampling import BlockAutoregressiveMixin
 from .engines import DiffusionHeadSampler, ImageNetTransformerBlockEngine
@@ -48,8 +47,9 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
             ``P = 1``, the transformer head for ``P > 1``).
         vae ([`BitDanceTokenizer`]): binary autoencoder (``ae_d16c32``).
         scheduler ([`BinaryFlowScheduler`] or any diffusers flow scheduler): integrates the head's flow.
-        id2label (`dict[int, str]`, *optional*): class names (comma-separated synonyms) by id; defaults to the
-            ImageNet-1k names when the transformer has 1000 classes.
+        id2label (`dict[int, str]`, *optional*): class names (comma-separated synonyms) by id, as diffusers'
+            `DiTPipeline` takes them; saved in ``model_index.json``. The converter writes the ImageNet-1k names
+            (`conversion.imagenet.imagenet_id2label`).
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -73,8 +73,6 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.block_engine = ImageNetTransformerBlockEngine()
         self.head_sampler = DiffusionHeadSampler()
-        if id2label is None and transformer is not None and transformer.config.num_classes == len(IMAGENET_ID2LABEL):
-            id2label = IMAGENET_ID2LABEL
         self._id2label = {int(key): value for key, value in (id2label or {}).items()}
         # name -> id for every comma-separated synonym, as diffusers' DiTPipeline. A name shared by several classes
         # goes to the class it is the first name of, if that is a single one ("harp" -> 594, not "harmonica, ...,
@@ -109,7 +107,11 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
         """
         labels = [label] if isinstance(label, str) else list(label)
         if not self.labels:
-            raise ValueError("This pipeline has no label names (no id2label); pass integer class ids instead.")
+            raise ValueError(
+                "This pipeline has no label names (no id2label in its model_index.json); pass integer class ids, or "
+                "load it with names: from_pretrained(folder, id2label=imagenet_id2label()) with `from "
+                "bitdance_diffusers.conversion.imagenet import imagenet_id2label` for the ImageNet-1k classes."
+            )
         return [self._label_id(name) for name in labels]
 
     def _label_id(self, label: str) -> int:
@@ -133,11 +135,13 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
             f"0..{self.transformer.config.num_classes - 1} work too."
         )
 
-    def resolve_class_labels(self, class_labels: int | str | list[int | str] | torch.Tensor | np.ndarray) -> list[int]:
-        """Class ids of ``class_labels`` (ids and/or label names), checked against the model's class count."""
-        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
-            class_labels = class_labels.reshape(-1).tolist()
-        items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
+    def resolve_class_labels(self, class_labels: int | str | list | torch.Tensor | np.ndarray) -> list[int]:
+        """Class ids of ``class_labels``, checked against the model's class count.
+
+        Accepts what diffusers' `DiTPipeline` accepts (an int, a list, nested lists such as ``[[1], [2]]``, a tensor or
+        array of any shape: flattened in order) and label names anywhere among them (see `get_label_ids`).
+        """
+        items = self._flatten_labels(class_labels)
         if not items:
             raise ValueError("`class_labels` is empty; pass at least one class id or label name.")
         ids = []
@@ -156,6 +160,15 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
                 f"(id {num_classes} is the internal null class). Use pipe.get_label_ids('name') to look ids up."
             )
         return ids
+
+    @classmethod
+    def _flatten_labels(cls, labels) -> list:
+        """Every entry of ``labels`` in order, through nested lists, tuples, tensors and arrays."""
+        if isinstance(labels, (torch.Tensor, np.ndarray)):
+            return labels.reshape(-1).tolist()
+        if isinstance(labels, (list, tuple)):
+            return [item for entry in labels for item in cls._flatten_labels(entry)]
+        return [labels]
 
     def check_inputs(
         self, guidance_scale, guidance_schedule, num_inference_steps, num_images_per_label, generator, num_images,
@@ -182,7 +195,7 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        class_labels: int | str | list[int | str],
+        class_labels: int | str | list | torch.Tensor,
         guidance_scale: float = 4.0,
         guidance_schedule: str | list[float] = "linear",
         num_inference_steps: int = 100,
@@ -198,8 +211,8 @@ class BitDanceImageNetPipeline(BlockAutoregressiveMixin, BitDanceLoraLoaderMixin
         Generate images of ImageNet classes.
 
         Args:
-            class_labels (`int`, `str` or `list`): class ids in ``[0, num_classes - 1]`` and/or label names (see
-                `get_label_ids`).
+            class_labels (`int`, `str`, `list` or `torch.Tensor`): class ids in ``[0, num_classes - 1]`` and/or label
+                names (see `get_label_ids`); nested lists and tensors are flattened, as in diffusers' `DiTPipeline`.
             guidance_scale (`float`, defaults to 4.0): classifier-free guidance on the head's velocity; ``<= 1``
                 disables the unconditional branch. The original's tuned values: B-1x 3.2, B-4x 3.9, B-16x 6.1,
                 L-1x 4.0, H-1x 4.55. Live: a callback may change ``pipe._guidance_scale`` for the next blocks (the
