@@ -9,12 +9,15 @@ steps, head sampling, decode, and the rest: orchestration, masks, caches, Python
 
 * CPU: the pure forward times of the language model (prefill and every block step), the head (at the pipeline's
   batch shape, timed over two blocks' worth of calls and scaled to the run's call count) and the decoder, each timed
-  in isolation in the same process. With ``--repeats n`` the run and each isolated part keep their best of n.
+  in isolation in the same process. With ``--repeats n`` the run, each isolated part and each scaling row keep their
+  best of n.
 * GPU: per forward, the larger of (weight bytes / measured copy bandwidth) and (matmul FLOPs / measured bf16 matmul
   rate), summed over the language-model forwards (embedding table excluded: it is gathered, not read) and the head
   calls, plus the decoder's isolated time.
 
-``--scaling`` adds tables of time against head steps, batch size and guidance, and the per-block times of the run.
+``--scaling`` adds tables of time against head steps, batch size and guidance (none, all blocks, and guidance ended
+by a callback after 40 % of the blocks, diffusers' dynamic-guidance pattern: the unconditional rows then leave the
+batch), and the per-block times of the run. ``--guidance_cutoff F`` ends guidance that way in every run.
 ``--json PATH`` appends every row as one JSON line (machine, torch version and date included) for RESULTS.md.
 """
 
@@ -101,7 +104,24 @@ class Recorder:
         return callback_kwargs
 
 
-def generate(pipe, args, batch=None, steps=None, guidance=None, **kwargs):
+def guidance_cutoff(fraction: float, then=None):
+    """A callback that ends guidance after ``fraction`` of the blocks, as diffusers' ``SDCFGCutoffCallback`` does
+    (``pipe._guidance_scale = 0``), then calls ``then`` (another callback) if given."""
+
+    def callback(pipe, block, timestep, callback_kwargs):
+        if block == int(pipe.num_timesteps * fraction):
+            pipe._guidance_scale = 0.0
+        return then(pipe, block, timestep, callback_kwargs) if then else callback_kwargs
+
+    return callback
+
+
+def generate(pipe, args, batch=None, steps=None, guidance=None, cutoff=None, **kwargs):
+    """One generation of ``args``' prompt; ``cutoff`` (default ``--guidance_cutoff``) ends guidance after that fraction
+    of the blocks."""
+    cutoff = args.guidance_cutoff if cutoff is None else cutoff
+    if cutoff is not None:
+        kwargs["callback_on_step_end"] = guidance_cutoff(cutoff, then=kwargs.get("callback_on_step_end"))
     generator = torch.Generator(args.device).manual_seed(0)
     return pipe([PROMPT] * (batch or args.batch), height=args.height, width=args.width,
                 num_inference_steps=steps or args.steps, guidance_scale=args.guidance if guidance is None else guidance,
@@ -109,11 +129,15 @@ def generate(pipe, args, batch=None, steps=None, guidance=None, **kwargs):
 
 
 def timed_generate(pipe, args, device, **kwargs) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    generate(pipe, args, **kwargs)
-    synchronize(device)
-    return time.perf_counter() - start
+    """The best wall-clock time of ``--repeats`` generations."""
+    times = []
+    for _ in range(args.repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        generate(pipe, args, **kwargs)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 # Floors ------------------------------------------------------------------------------------------------------------
@@ -199,6 +223,8 @@ def main():
     parser.add_argument("--quantize", choices=["none", *QUANTIZATION_SCHEMES], default="none",
                         help="quantize the language model and head in place (see bitdance_diffusers.quantization)")
     parser.add_argument("--scaling", action="store_true", help="also time head steps, batch sizes and guidance")
+    parser.add_argument("--guidance_cutoff", type=float, default=None,
+                        help="end guidance after this fraction of the blocks (a callback sets pipe._guidance_scale = 0)")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=1,
                         help="time the run (and on CPU each isolated forward) this many times and keep the best")
@@ -234,13 +260,15 @@ def main():
              f"batch={args.batch} {args.dtype}{' cuda-graphs' if args.cuda_graphs else ''}"
              f"{' (head only)' if args.cuda_graphs and args.head_graphs_only else ''}"
              f"{' ' + args.quantize if args.quantize != 'none' else ''}"
-             f"{' compiled (' + args.compile + ')' if args.compile != 'none' else ''} on {device.type}")  # fmt: skip
+             f"{' compiled (' + args.compile + ')' if args.compile != 'none' else ''}"
+             f"{f' guidance cut at {args.guidance_cutoff:.0%}' if args.guidance_cutoff is not None else ''} "
+             f"on {device.type}")  # fmt: skip
     generate(pipe, args, steps=2)  # warm-up: kernels, cuBLAS handles, CUDA graph capture
     resident = None  # GPU memory held before a run: weights, CUDA-graph buffers
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device) / 2**30
-    total = min(timed_generate(pipe, args, device) for _ in range(args.repeats))
+    total = timed_generate(pipe, args, device)
     peak = peak_memory_gb(device)
 
     recorder = Recorder(pipe, device)
@@ -297,19 +325,22 @@ def main():
     if args.scaling:
         scaling = []
         for steps in sorted({max(1, args.steps // 2), args.steps}):
-            scaling.append(["head steps", steps, timed_generate(pipe, args, device, steps=steps), 1])
+            scaling.append(["head steps", steps, timed_generate(pipe, args, device, steps=steps), args.batch])
         for batch in [int(b) for b in args.batches.split(",")]:
             try:
                 scaling.append(["batch", batch, timed_generate(pipe, args, device, batch=batch), batch])
             except torch.OutOfMemoryError:
                 print(f"batch {batch}: out of memory")
                 torch.cuda.empty_cache()
-        for guidance in (1.0, args.guidance):
+        guidance_runs = [("guidance", 1.0, None), ("guidance", args.guidance, None),
+                         ("guidance ended by a callback after 40 % of the blocks", args.guidance, 0.4)]  # fmt: skip
+        for name, guidance, cutoff in guidance_runs:
             recorder_cfg = Recorder(pipe, device)
             with recorder_cfg.attached():
-                seconds = timed_generate(pipe, args, device, guidance=guidance)
-            llm = sum(recorder_cfg.times["prefill"]) + sum(recorder_cfg.times["llm_step"])
-            scaling.append([f"guidance (LM part {llm:.3f} s)", guidance, seconds, 1])
+                seconds = timed_generate(pipe, args, device, guidance=guidance, cutoff=cutoff)
+            llm = (sum(recorder_cfg.times["prefill"]) + sum(recorder_cfg.times["llm_step"])) / args.repeats
+            head = sum(recorder_cfg.times["head"]) / args.repeats
+            scaling.append([f"{name} (LM part {llm:.3f} s, head {head:.3f} s)", guidance, seconds, args.batch])
         print_table("scaling", ["vary", "value", "seconds", "images/s"],
                     [[name, value, f"{s:.3f}", f"{n / s:.3f}"] for name, value, s, n in scaling])  # fmt: skip
         results[0]["scaling"] = [{"vary": name, "value": value, "seconds": s, "images_per_s": n / s}

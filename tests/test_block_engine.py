@@ -70,6 +70,22 @@ def test_graphed_imagenet_gives_the_eager_tokens(eager_graphs):
         pipe.block_engine.enable_cuda_graphs()
 
 
+def test_reset_from_a_callback_captures_the_block_step_again(tiny_pipe, eager_graphs):
+    """A callback that changes the language model's adapters mid-generation resets the graphs; the block step of
+    the next block is captured anew (and the head's graph too, checked by the head sampler itself)."""
+    eager = t2i(tiny_pipe)
+    tiny_pipe.enable_cuda_graphs()
+
+    def reset_after_block_1(pipe, block, timestep, callback_kwargs):
+        if block == 1:
+            pipe.reset_cuda_graphs()
+        return callback_kwargs
+
+    assert torch.equal(t2i(tiny_pipe, callback_on_step_end=reset_after_block_1), eager)
+    functions = [runner.function for runner in eager_graphs]
+    assert functions.count(tiny_pipe.diffusion_head) == 2 and len(functions) == 4
+
+
 def test_graph_dependencies_see_every_change_of_weights_or_placement(tiny_pipe):
     head = tiny_pipe.diffusion_head
     before = graph_dependencies(head)
@@ -91,6 +107,22 @@ def test_graph_dependencies_see_every_change_of_weights_or_placement(tiny_pipe):
         after = graph_dependencies(head)
         assert after != before, name
         before = after
+
+
+def test_head_graphs_are_captured_again_after_a_move_a_quantization_or_a_compile(tiny_pipe, eager_graphs):
+    tiny_pipe.enable_cuda_graphs(backbone=False)
+
+    def captures_after(change):
+        change()
+        t2i(tiny_pipe, prompt=["a"], height=64, width=64, num_inference_steps=1)
+        return len(eager_graphs)
+
+    assert captures_after(lambda: None) == 1 and captures_after(lambda: None) == 1
+    assert captures_after(lambda: tiny_pipe.to(torch.bfloat16)) == 2
+    assert captures_after(lambda: tiny_pipe.to(torch.float32)) == 3
+    assert captures_after(lambda: quantize_model_(tiny_pipe.diffusion_head, "int8wo")) == 4
+    assert captures_after(lambda: tiny_pipe.diffusion_head.compile(backend="eager")) == 5
+    assert captures_after(lambda: None) == 5
 
 
 def test_graphs_refuse_a_language_model_that_moves_its_weights_in_every_forward(tiny_pipe):

@@ -121,7 +121,7 @@ class BlockAutoregressiveMixin:
             positive = [index for index, weight in enumerate(self._guidance_schedule) if weight > 0]
             self._last_weighted_block = positive[-1] if positive else -1
         self._do_classifier_free_guidance = self._guided_after(-1)
-        self._guidance_ended = False
+        self._warn_if_guidance_raised = False
 
     def _guided_after(self, block: int) -> bool:
         """Whether a block after ``block`` is guided under the current scale (the schedule's weights are >= 0)."""
@@ -247,12 +247,12 @@ class BlockAutoregressiveMixin:
                 block_slice = slice(block * block_size, (block + 1) * block_size)
                 rows = condition.shape[0]
                 scale = self.guidance_scale_at(self._guidance_scale, block, num_blocks, self._guidance_schedule)
-                if scale > 1.0 and rows == num_images and self._guidance_ended:
+                if scale > 1.0 and rows == num_images and self._warn_if_guidance_raised:
                     logger.warning(
                         f"`pipe._guidance_scale` was raised to {self._guidance_scale} at block {block}, after guidance "
                         "had ended and the unconditional branch had left the batch; the remaining blocks stay unguided."
                     )
-                    self._guidance_ended = False  # warned once
+                    self._warn_if_guidance_raised = False  # once
                 guided = scale > 1.0 and rows > num_images
                 sampled_rows = num_images if guided else rows
                 block_generator = generator * (sampled_rows // num_images) if isinstance(generator, list) else generator
@@ -280,7 +280,7 @@ class BlockAutoregressiveMixin:
                         # Guidance has ended: the unconditional rows leave the batch.
                         self.block_engine.select_rows(list(range(num_images)))
                         rows, tokens = num_images, tokens[:num_images]
-                        self._do_classifier_free_guidance, self._guidance_ended = False, True
+                        self._do_classifier_free_guidance, self._warn_if_guidance_raised = False, True
                     own_rows = latents[:, block_slice]
                     if guided or rows == num_images:
                         row_tokens = own_rows.repeat(rows // num_images, 1, 1)

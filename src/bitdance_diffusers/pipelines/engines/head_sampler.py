@@ -14,7 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...utils.token_layout import binarize
-from .block_engine import ObservableCalls
+from .block_engine import ForwardRunner
 from .cuda_graphs import CUDAGraphRunner, graph_dependencies
 
 
@@ -34,38 +34,21 @@ def step_takes_generator(scheduler_class: type) -> bool:
     return "generator" in inspect.signature(scheduler_class.step).parameters
 
 
-class DiffusionHeadSampler(ObservableCalls):
+class DiffusionHeadSampler(ForwardRunner):
     """Samples the ±1 tokens of one block with a diffusion head and a flow scheduler.
 
-    With `enable_cuda_graphs` every head call replays a CUDA graph captured once per input shape. The graphs are
-    dropped (`invalidate`) when the head given to `sample` is another module or when its `graph_dependencies`
-    changed since the capture: new weights, adapters, scales, placement, hooks or compilation.
+    With `enable_cuda_graphs` every head call replays a CUDA graph captured once per input shape (at small batches the
+    kernel launches of eager PyTorch, not the weight reads, would otherwise set the pace: the head runs ``N + 1`` times
+    per block). The graphs are dropped (`invalidate`) when the head given to `sample` is another module or when its
+    `graph_dependencies` changed since the capture: new weights, adapters, scales, placement, hooks or compilation.
     """
 
     def __init__(self):
         super().__init__()
-        self.cuda_graphs = False
-        self._runner = None
-        self._dependencies = None
-
-    def enable_cuda_graphs(self):
-        """Replay the head's calls from CUDA graphs (CUDA only). At small batches the kernel launches of eager
-        PyTorch, not the weight reads, would otherwise set the pace: the head runs ``N + 1`` times per block."""
-        self.cuda_graphs = True
-        self.invalidate()
-
-    def disable_cuda_graphs(self):
-        self.cuda_graphs = False
-        self.invalidate()
-
-    def invalidate(self):
-        """Drop the captured graphs; the next call captures anew."""
         self._runner = self._dependencies = None
 
-    @property
-    def num_captured_graphs(self) -> int:
-        """Graphs held now (one per input shape since the last invalidation)."""
-        return len(self._runner.graphs) if self._runner is not None else 0
+    def invalidate(self):
+        self._runner = self._dependencies = None
 
     def _forward(self, head: torch.nn.Module):
         """``head`` itself, or with CUDA graphs the runner that replays it (checked against the head's current

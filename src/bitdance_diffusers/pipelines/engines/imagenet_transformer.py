@@ -17,6 +17,8 @@ from .block_engine import BlockEngine
 class ImageNetTransformerBlockEngine(BlockEngine):
     """Runs a `BitDanceImageNetTransformer` over the blocks of one image, over a growing ``DynamicCache``."""
 
+    supports_cuda_graphs = False
+
     def __init__(self):
         super().__init__()
         self._transformer = self._cache = None

@@ -68,8 +68,6 @@ class LanguageModelBlockEngine(BlockEngine):
         prefill_chunk_size: query positions per prefill forward.
     """
 
-    supports_cuda_graphs = True
-
     def __init__(self, prefill_chunk_size: int = 1024):
         super().__init__()
         self.static_cache = False
@@ -203,6 +201,6 @@ class LanguageModelBlockEngine(BlockEngine):
                 layer.batch_size = len(rows)
         else:
             self._cache.batch_select_indices(index)
-        self._lengths, self._key_padding, self._visible = (x[index] for x in (self._lengths, self._key_padding,
-                                                                             self._visible))  # fmt: skip
+        self._lengths, self._key_padding = self._lengths[index], self._key_padding[index]
+        self._visible = self._visible[index]
         self.invalidate()  # new batch shape and new cache buffers
