@@ -10,8 +10,9 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    # The shapes demo model (the offline default of `bitdance generate`) ships inside the package.
-    package_data={"bitdance_diffusers": ["pretrained/*/*.json", "pretrained/*/*/*"]},
+    # The shapes demo model (the offline default of `bitdance generate`) and the ImageNet-1k label names ship inside
+    # the package.
+    package_data={"bitdance_diffusers": ["pretrained/*/*.json", "pretrained/*/*/*", "conversion/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -23,15 +23,16 @@ from bench_utils import (
     peak_memory_gb,
     print_table,
     synchronize,
-    wrapped_head_calls,
 )
 
 from bitdance_diffusers import BitDanceTokenizer
-from bitdance_diffusers.random_pipeline import RANDOM_CONFIGS, build_random_imagenet_pipeline
+from bitdance_diffusers.model_presets import T2I_PRESETS
+from bitdance_diffusers.random_pipeline import build_random_imagenet_pipeline
 
 
 class ComponentTimer:
-    """Times every forward of the backbone, the head and the decoder (synchronising on GPU), with the head's rows."""
+    """Times every forward of the backbone, the head and the decoder (synchronising on GPU), with the head's rows; it
+    watches the engines' calls, so it sees CUDA-graph replays too."""
 
     def __init__(self, pipe, device):
         self.pipe, self.device = pipe, device
@@ -51,17 +52,20 @@ class ComponentTimer:
 
         return wrapper
 
+    def _observe(self, kind, forward):
+        return self._timed(forward, "head" if kind == "head" else "backbone")
+
     def __enter__(self):
         pipe = self.pipe
-        pipe.transformer.forward = self._timed(pipe.transformer.forward, "backbone")
         pipe.vae.decode = self._timed(pipe.vae.decode, "decode")
-        self._head_calls = ExitStack()
-        self._head_calls.enter_context(wrapped_head_calls(pipe, lambda head: self._timed(head, "head")))
+        self._observers = ExitStack()
+        self._observers.enter_context(pipe.block_engine.observe_calls(self._observe))
+        self._observers.enter_context(pipe.head_sampler.observe_calls(self._observe))
         return self
 
     def __exit__(self, *exc):
-        self._head_calls.close()
-        del self.pipe.transformer.forward, self.pipe.vae.decode
+        self._observers.close()
+        del self.pipe.vae.decode
 
 
 def generate(pipe, args, batch: int):
@@ -98,7 +102,7 @@ def main():
                                           dtype=DTYPES[args.dtype], device=device)  # fmt: skip
     if args.size != "tiny":
         with torch.device(device):
-            vae = BitDanceTokenizer(z_channels=32, **RANDOM_CONFIGS["14b"]["vae"]).to(DTYPES[args.dtype]).eval()
+            vae = BitDanceTokenizer(z_channels=32, **T2I_PRESETS["14b"]["vae"]).to(DTYPES[args.dtype]).eval()
         pipe.register_modules(vae=vae)
     pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)

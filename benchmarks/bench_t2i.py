@@ -9,18 +9,21 @@ steps, head sampling, decode, and the rest: orchestration, masks, caches, Python
 
 * CPU: the pure forward times of the language model (prefill and every block step), the head (at the pipeline's
   batch shape, timed over two blocks' worth of calls and scaled to the run's call count) and the decoder, each timed
-  in isolation in the same process. With ``--repeats n`` the run and each isolated part keep their best of n.
+  in isolation in the same process. With ``--repeats n`` the run, each isolated part and each scaling row keep their
+  best of n.
 * GPU: per forward, the larger of (weight bytes / measured copy bandwidth) and (matmul FLOPs / measured bf16 matmul
   rate), summed over the language-model forwards (embedding table excluded: it is gathered, not read) and the head
   calls, plus the decoder's isolated time.
 
-``--scaling`` adds tables of time against head steps, batch size and guidance, and the per-block times of the run.
+``--scaling`` adds tables of time against head steps, batch size and guidance (none, all blocks, and guidance ended
+by a callback after 40 % of the blocks, diffusers' dynamic-guidance pattern: the unconditional rows then leave the
+batch), and the per-block times of the run. ``--guidance_cutoff F`` ends guidance that way in every run.
 ``--json PATH`` appends every row as one JSON line (machine, torch version and date included) for RESULTS.md.
 """
 
 import argparse
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from bench_utils import (
@@ -34,10 +37,9 @@ from bench_utils import (
     peak_memory_gb,
     print_table,
     synchronize,
-    wrapped_head_calls,
 )
 
-from bitdance_diffusers.pipelines.pipeline_bitdance import _cache_argument_name
+from bitdance_diffusers.pipelines.engines import cache_argument_name
 from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES, quantize_model_
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 
@@ -46,56 +48,55 @@ PROMPT = "a photo of a red fox sitting in fresh snow at sunrise, highly detailed
 
 
 class Recorder:
-    """Wraps the components' forwards to time every call (synchronising on GPU) and keep its input shapes."""
+    """Times every language-model forward, head call and decode of a run (synchronising on GPU) and keeps their
+    shapes; it watches the engines' calls, so it sees CUDA-graph replays too."""
 
     def __init__(self, pipe, device):
         self.pipe, self.device = pipe, device
         self.times = {"prefill": [], "llm_step": [], "head": [], "decode": []}
-        self.llm_calls = []  # (input kind, shape, mask shape, position shape)
+        self.llm_calls = []  # (kind, (rows, new positions), mask shape)
         self.head_shapes = None
         self.block_ends = []
-        self._inside = False
 
     def _timed(self, function, bucket):
         def wrapper(*args, **kwargs):
-            if self._inside or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-                return function(*args, **kwargs)  # a nested or captured call: its caller is timed
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return function(*args, **kwargs)  # a captured call: its replay is timed
             synchronize(self.device)
             start = time.perf_counter()
-            self._inside = True
-            try:
-                result = function(*args, **kwargs)
-            finally:
-                self._inside = False
+            result = function(*args, **kwargs)
             synchronize(self.device)
-            self.times[bucket(args, kwargs) if callable(bucket) else bucket].append(time.perf_counter() - start)
+            self.times[bucket(args) if callable(bucket) else bucket].append(time.perf_counter() - start)
             return result
 
         return wrapper
 
-    def _llm_bucket(self, args, kwargs):
-        """``_language_model_step(cache, position_ids, mask, input_ids=... | inputs_embeds=...)``."""
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        source = ids if ids is not None else embeds
-        self.llm_calls.append(("ids" if ids is not None else "embeds", tuple(source.shape[:2]), tuple(args[2].shape)))
-        return "prefill" if ids is not None else "llm_step"
+    def _observe(self, kind, forward):
+        if kind == "head":
+            return self._timed(forward, self._head_bucket)
+        bucket = "prefill" if kind == "prefill" else "llm_step"
 
-    def _head_bucket(self, args, kwargs):
+        def llm_bucket(args):  # (position_ids, attention_mask, inputs_embeds)
+            self.llm_calls.append((bucket, tuple(args[2].shape[:2]), tuple(args[1].shape)))
+            return bucket
+
+        return self._timed(forward, llm_bucket)
+
+    def _head_bucket(self, args):
         self.head_shapes = (tuple(args[0].shape), tuple(args[2].shape))
         return "head"
 
     @contextmanager
     def attached(self):
         pipe = self.pipe
-        graphed_step = pipe._graphed_language_model_step
-        pipe._language_model_step = self._timed(pipe._language_model_step, self._llm_bucket)
-        pipe._graphed_language_model_step = lambda cache: self._timed(graphed_step(cache), self._llm_bucket)
         pipe.vae.decode = self._timed(pipe.vae.decode, "decode")
         try:
-            with wrapped_head_calls(pipe, lambda head: self._timed(head, self._head_bucket)):
+            with ExitStack() as stack:
+                stack.enter_context(pipe.block_engine.observe_calls(self._observe))
+                stack.enter_context(pipe.head_sampler.observe_calls(self._observe))
                 yield self
         finally:
-            del pipe._language_model_step, pipe._graphed_language_model_step, pipe.vae.decode
+            del pipe.vae.decode
 
     def block_callback(self, pipe, block, timestep, callback_kwargs):
         synchronize(self.device)
@@ -103,7 +104,24 @@ class Recorder:
         return callback_kwargs
 
 
-def generate(pipe, args, batch=None, steps=None, guidance=None, **kwargs):
+def guidance_cutoff(fraction: float, then=None):
+    """A callback that ends guidance after ``fraction`` of the blocks, as diffusers' ``SDCFGCutoffCallback`` does
+    (``pipe._guidance_scale = 0``), then calls ``then`` (another callback) if given."""
+
+    def callback(pipe, block, timestep, callback_kwargs):
+        if block == int(pipe.num_timesteps * fraction):
+            pipe._guidance_scale = 0.0
+        return then(pipe, block, timestep, callback_kwargs) if then else callback_kwargs
+
+    return callback
+
+
+def generate(pipe, args, batch=None, steps=None, guidance=None, cutoff=None, **kwargs):
+    """One generation of ``args``' prompt; ``cutoff`` (default ``--guidance_cutoff``) ends guidance after that fraction
+    of the blocks."""
+    cutoff = args.guidance_cutoff if cutoff is None else cutoff
+    if cutoff is not None:
+        kwargs["callback_on_step_end"] = guidance_cutoff(cutoff, then=kwargs.get("callback_on_step_end"))
     generator = torch.Generator(args.device).manual_seed(0)
     return pipe([PROMPT] * (batch or args.batch), height=args.height, width=args.width,
                 num_inference_steps=steps or args.steps, guidance_scale=args.guidance if guidance is None else guidance,
@@ -111,11 +129,15 @@ def generate(pipe, args, batch=None, steps=None, guidance=None, **kwargs):
 
 
 def timed_generate(pipe, args, device, **kwargs) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    generate(pipe, args, **kwargs)
-    synchronize(device)
-    return time.perf_counter() - start
+    """The best wall-clock time of ``--repeats`` generations."""
+    times = []
+    for _ in range(args.repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        generate(pipe, args, **kwargs)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 # Floors ------------------------------------------------------------------------------------------------------------
@@ -141,7 +163,7 @@ def gpu_floor(pipe, sizes, recorder, bandwidth, flops_rate, decode_time) -> dict
         rows, new = shape[0], shape[1]
         attention = 4 * rows * config.num_attention_heads * new * mask_shape[-1] * config.head_dim * config.num_hidden_layers
         work = (2 * lm_params * rows * new + attention) / flops_rate
-        floors["prefill" if kind == "ids" else "llm_step"] += max(lm_bytes / bandwidth, work)
+        floors[kind] += max(lm_bytes / bandwidth, work)
     (rows, tokens, _), _ = recorder.head_shapes
     head_call = max(head_bytes / bandwidth, 2 * head_params * rows * tokens / flops_rate)
     floors["head"] = head_call * len(recorder.times["head"])
@@ -157,21 +179,17 @@ def cpu_floor(pipe, recorder, device) -> dict:
     dtype = lm.dtype
     floors = {"prefill": 0.0, "llm_step": 0.0, "head": 0.0, "decode": 0.0}
     cache = DynamicCache(config=lm.config)
-    cache_argument = _cache_argument_name(lm)
+    cache_argument = cache_argument_name(lm)
     for kind, shape, mask_shape in recorder.llm_calls:
         rows, new = shape[0], shape[1]
         mask = torch.zeros(mask_shape, dtype=dtype, device=device)
         positions = torch.arange(mask_shape[-1] - new, mask_shape[-1], device=device).expand(rows, -1)
-        inputs = (
-            {"input_ids": torch.zeros(shape, dtype=torch.long, device=device)}
-            if kind == "ids"
-            else {"inputs_embeds": torch.randn(*shape, lm.config.hidden_size, dtype=dtype, device=device)}
-        )
+        embeds = torch.randn(*shape, lm.config.hidden_size, dtype=dtype, device=device)
         synchronize(device)
         start = time.perf_counter()
-        lm(**inputs, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_argument: cache})
+        lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_argument: cache})
         synchronize(device)
-        floors["prefill" if kind == "ids" else "llm_step"] += time.perf_counter() - start
+        floors[kind] += time.perf_counter() - start
 
     (rows, tokens, channels), condition_shape = recorder.head_shapes
     sample = torch.randn(rows, tokens, channels, device=device)
@@ -181,7 +199,7 @@ def cpu_floor(pipe, recorder, device) -> dict:
     timed_calls = min(calls, 2 * (calls // max(1, len(recorder.times["llm_step"]) + 1)))
     start = time.perf_counter()
     for _ in range(timed_calls):
-        head(sample, t, condition)
+        head(sample, t, condition, return_dict=False)
     floors["head"] = (time.perf_counter() - start) * calls / max(1, timed_calls)
 
     codes = torch.ones(recorder.decode_shape, dtype=pipe.vae.dtype, device=device)
@@ -205,6 +223,8 @@ def main():
     parser.add_argument("--quantize", choices=["none", *QUANTIZATION_SCHEMES], default="none",
                         help="quantize the language model and head in place (see bitdance_diffusers.quantization)")
     parser.add_argument("--scaling", action="store_true", help="also time head steps, batch sizes and guidance")
+    parser.add_argument("--guidance_cutoff", type=float, default=None,
+                        help="end guidance after this fraction of the blocks (a callback sets pipe._guidance_scale = 0)")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=1,
                         help="time the run (and on CPU each isolated forward) this many times and keep the best")
@@ -240,13 +260,15 @@ def main():
              f"batch={args.batch} {args.dtype}{' cuda-graphs' if args.cuda_graphs else ''}"
              f"{' (head only)' if args.cuda_graphs and args.head_graphs_only else ''}"
              f"{' ' + args.quantize if args.quantize != 'none' else ''}"
-             f"{' compiled (' + args.compile + ')' if args.compile != 'none' else ''} on {device.type}")  # fmt: skip
+             f"{' compiled (' + args.compile + ')' if args.compile != 'none' else ''}"
+             f"{f' guidance cut at {args.guidance_cutoff:.0%}' if args.guidance_cutoff is not None else ''} "
+             f"on {device.type}")  # fmt: skip
     generate(pipe, args, steps=2)  # warm-up: kernels, cuBLAS handles, CUDA graph capture
     resident = None  # GPU memory held before a run: weights, CUDA-graph buffers
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device) / 2**30
-    total = min(timed_generate(pipe, args, device) for _ in range(args.repeats))
+    total = timed_generate(pipe, args, device)
     peak = peak_memory_gb(device)
 
     recorder = Recorder(pipe, device)
@@ -303,19 +325,22 @@ def main():
     if args.scaling:
         scaling = []
         for steps in sorted({max(1, args.steps // 2), args.steps}):
-            scaling.append(["head steps", steps, timed_generate(pipe, args, device, steps=steps), 1])
+            scaling.append(["head steps", steps, timed_generate(pipe, args, device, steps=steps), args.batch])
         for batch in [int(b) for b in args.batches.split(",")]:
             try:
                 scaling.append(["batch", batch, timed_generate(pipe, args, device, batch=batch), batch])
             except torch.OutOfMemoryError:
                 print(f"batch {batch}: out of memory")
                 torch.cuda.empty_cache()
-        for guidance in (1.0, args.guidance):
+        guidance_runs = [("guidance", 1.0, None), ("guidance", args.guidance, None),
+                         ("guidance ended by a callback after 40 % of the blocks", args.guidance, 0.4)]  # fmt: skip
+        for name, guidance, cutoff in guidance_runs:
             recorder_cfg = Recorder(pipe, device)
             with recorder_cfg.attached():
-                seconds = timed_generate(pipe, args, device, guidance=guidance)
-            llm = sum(recorder_cfg.times["prefill"]) + sum(recorder_cfg.times["llm_step"])
-            scaling.append([f"guidance (LM part {llm:.3f} s)", guidance, seconds, 1])
+                seconds = timed_generate(pipe, args, device, guidance=guidance, cutoff=cutoff)
+            llm = (sum(recorder_cfg.times["prefill"]) + sum(recorder_cfg.times["llm_step"])) / args.repeats
+            head = sum(recorder_cfg.times["head"]) / args.repeats
+            scaling.append([f"{name} (LM part {llm:.3f} s, head {head:.3f} s)", guidance, seconds, args.batch])
         print_table("scaling", ["vary", "value", "seconds", "images/s"],
                     [[name, value, f"{s:.3f}", f"{n / s:.3f}"] for name, value, s, n in scaling])  # fmt: skip
         results[0]["scaling"] = [{"vary": name, "value": value, "seconds": s, "images_per_s": n / s}

@@ -5,7 +5,6 @@ import json
 import platform
 import resource
 import statistics
-from contextlib import contextmanager
 
 import torch
 
@@ -24,19 +23,6 @@ def add_t2i_run_arguments(parser):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="cpu")
-
-
-@contextmanager
-def wrapped_head_calls(pipe, wrap):
-    """Routes every head call of ``pipe`` through ``wrap(head)`` inside the block: ``head`` is what `sample_blocks`
-    calls (the CUDA-graph runner, else the module), so the wrapper sees graph replays too and stays outside any
-    compiled code (a wrapped ``forward`` would be traced by torch.compile)."""
-    runner = pipe._head_cuda_graphs
-    pipe._head_cuda_graphs = wrap(runner or pipe.diffusion_head)
-    try:
-        yield
-    finally:
-        pipe._head_cuda_graphs = runner
 
 
 def synchronize(device: torch.device):

@@ -86,7 +86,7 @@ def main():
     start = time.perf_counter()
     with FakeTensorMode():
         pipe, existing = build_fake_pipeline(args)
-        pipe._static_kv_cache = True  # the KV cache of the CUDA-graph path, without capturing graphs
+        pipe.block_engine.static_cache = True  # the KV cache of the CUDA-graph path, without capturing graphs
         counter = TrafficCounter(existing)
 
         def enter(part):

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU speed figures of benchmarks/RESULTS.md on a lent device machine (see the `device` tool), in parts:
 #   check    tiny fp32 runs: the CUDA-graph path must reproduce the eager images (PSNR >= 60 dB; else the
-#            later parts fall back to head-only graphs), also after each change of LoRA adapters (gpu_lora_check.py);
+#            later parts fall back to head-only graphs), also when a callback ends guidance mid-run (the
+#            unconditional rows leave the static cache: graphs captured again) and after each change of LoRA adapters
+#            (gpu_lora_check.py);
 #   bf16     BitDance-14B-64x shapes at 1024x1024, 50 steps, CFG 7.5, bf16 with CUDA graphs: time, floor, peak memory;
 #   scaling  the same with the scaling tables (head steps, batch 1/4/8, guidance): several minutes;
 #   fp8      torchao fp8 (dynamic, per row) against the bf16 image (runs bf16 first if that part did not);
@@ -37,6 +39,8 @@ if wants check; then
     $BENCH $TINY --save_images $OUT/tiny_eager.pt 2>&1 | quiet | tail -3
     $BENCH $TINY --cuda_graphs --compare_to $OUT/tiny_eager.pt --min_psnr 60 2>&1 | quiet | tail -12 ||
         GRAPHS="--cuda_graphs --head_graphs_only"
+    $BENCH $TINY --guidance_cutoff 0.4 --save_images $OUT/tiny_cut.pt 2>&1 | quiet | tail -3
+    $BENCH $TINY --guidance_cutoff 0.4 --cuda_graphs --compare_to $OUT/tiny_cut.pt --min_psnr 60 2>&1 | quiet | tail -3
     python3 benchmarks/gpu_lora_check.py 2>&1 | quiet | tail -10
     finished check
 fi
@@ -88,4 +92,4 @@ if wants imagenet; then
     done
     finished imagenet
 fi
-rm -f $OUT/bf16.pt $OUT/tiny_eager.pt
+rm -f $OUT/bf16.pt $OUT/tiny_eager.pt $OUT/tiny_cut.pt

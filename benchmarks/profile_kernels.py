@@ -19,7 +19,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
-from bench_utils import DTYPES, T2I_CONFIGS, add_t2i_run_arguments, print_table, synchronize, wrapped_head_calls
+from bench_utils import DTYPES, T2I_CONFIGS, add_t2i_run_arguments, print_table, synchronize
 
 from bitdance_diffusers.random_pipeline import build_random_pipeline
 
@@ -49,21 +49,21 @@ def work_items(event, on_cuda: bool):
 
 @contextmanager
 def profiled_ranges(pipe):
-    """Puts every head call and language-model step of ``pipe`` in a profiler range named after ``PARTS``."""
+    """Puts every head call and language-model block step of ``pipe`` in a profiler range named after ``PARTS``."""
+    names = {"head": PARTS[0], "block step": PARTS[1]}
 
-    def ranged(function, name):
+    def ranged(kind, forward):
+        if kind not in names:
+            return forward
+
         def wrapper(*args, **kwargs):
-            with torch.profiler.record_function(name):
-                return function(*args, **kwargs)
+            with torch.profiler.record_function(names[kind]):
+                return forward(*args, **kwargs)
 
         return wrapper
 
-    pipe._language_model_step = ranged(pipe._language_model_step, PARTS[1])
-    try:
-        with wrapped_head_calls(pipe, lambda head: ranged(head, PARTS[0])):
-            yield
-    finally:
-        del pipe._language_model_step
+    with pipe.block_engine.observe_calls(ranged), pipe.head_sampler.observe_calls(ranged):
+        yield
 
 
 def main():

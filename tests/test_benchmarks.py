@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bitdance_diffusers.random_pipeline import build_random_pipeline
+from cuda_graph_stub import eager_graphs  # noqa: F401 (fixture)
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -70,7 +71,7 @@ def test_imagenet_benchmark_prints_its_table(tmp_path):
     assert row["images_per_s"] > 0 and [entry["batch"] for entry in row["scaling"]] == [1, 2]
 
 
-def test_imagenet_component_timer_times_a_head_that_bypasses_its_forward():
+def test_imagenet_component_timer_times_graph_replays(eager_graphs):
     sys.path.insert(0, str(BENCHMARKS))
     from bench_imagenet import ComponentTimer
 
@@ -78,14 +79,12 @@ def test_imagenet_component_timer_times_a_head_that_bypasses_its_forward():
 
     pipe = build_random_imagenet_pipeline("tiny", block_size=4, sample_size=4)
     pipe.set_progress_bar_config(disable=True)
-    head = pipe.diffusion_head
-    replay = lambda *args, **kwargs: type(head).forward(head, *args, **kwargs)  # noqa: E731 (as a graph replay does)
-    pipe._head_cuda_graphs = replay
+    pipe.enable_cuda_graphs()  # replays that bypass the head's forward (captures stubbed, see cuda_graph_stub)
     with ComponentTimer(pipe, torch.device("cpu")) as timer:
         pipe([1, 2], num_inference_steps=2, output_type="latent")
     # 4 blocks of 4 tokens at 64x64, each 2 + 1 head calls on both labels and both guidance branches.
-    assert len(timer.times["head"]) == 4 * 3 and timer.head_tokens == 2 * 2 * 4
-    assert len(timer.times["backbone"]) >= 4 and pipe._head_cuda_graphs is replay
+    assert len(timer.times["head"]) == 4 * 3 and timer.head_tokens == 2 * 2 * 4 and len(eager_graphs) == 1
+    assert len(timer.times["backbone"]) == 4  # the prefill and the steps of blocks 0..2
 
 
 def test_live_storage_counter_counts_what_is_alive():

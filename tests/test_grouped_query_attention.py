@@ -6,7 +6,7 @@ from conftest import generator
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from bitdance_diffusers.utils.grouped_query_attention import (
+from bitdance_diffusers.models.grouped_query_attention import (
     PACKED_GQA_SDPA,
     packed_gqa_attention,
     packed_gqa_sdpa_forward,

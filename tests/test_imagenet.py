@@ -212,6 +212,23 @@ def test_label_names_are_accepted(tiny_imagenet):
     assert torch.equal(from_array, run(tiny_imagenet, [5, 7], generator=generator(4)))
 
 
+@pytest.mark.parametrize(
+    "class_labels,expected",
+    [([[5], [7]], [5, 7]), ((5, 7), [5, 7]), (torch.tensor([5, 7]), [5, 7]), (torch.tensor([[5], [7]]), [5, 7]),
+     (np.array([[5, 7]]), [5, 7]), ([torch.tensor(5), 7], [5, 7]), ([np.int64(5), ["Tinca tinca"]], [5, 0])],
+    ids=["nested-lists", "tuple", "tensor", "2-d-tensor", "2-d-array", "0-d-tensor", "numpy-int-and-nested-name"],
+)  # fmt: skip
+def test_class_labels_accept_what_dit_accepts(tiny_imagenet, class_labels, expected):
+    assert tiny_imagenet.resolve_class_labels(class_labels) == expected
+
+
+def test_a_single_class_label_and_a_tensor_generate_as_a_list(tiny_imagenet):
+    single = run(tiny_imagenet, 980, generator=generator(2))
+    assert torch.equal(single, run(tiny_imagenet, [980], generator=generator(2)))
+    nested = run(tiny_imagenet, torch.tensor([[5], [7]]), generator=generator(4))
+    assert torch.equal(nested, run(tiny_imagenet, [5, 7], generator=generator(4)))
+
+
 def test_errors_name_the_fix(tiny_imagenet):
     with pytest.raises(ValueError, match=r"Unknown label name 'labrador retreiver'\. Did you mean 'Labrador retriever'"):
         run(tiny_imagenet, ["labrador retreiver"])
@@ -236,7 +253,7 @@ def test_errors_name_the_fix(tiny_imagenet):
     unnamed.scheduler = DDIMScheduler()
     with pytest.raises(ValueError, match="DDIMScheduler .* does not integrate a flow"):
         run(unnamed)
-    with pytest.raises(ValueError, match="no label names"):
+    with pytest.raises(ValueError, match=r"no label names .*from_pretrained\(folder, id2label=imagenet_id2label\(\)\)"):
         unnamed.get_label_ids("tench")
 
 
@@ -399,3 +416,29 @@ def test_pickles_beyond_weights_need_an_explicit_flag(tmp_path, caplog):
                          allow_unsafe_pickle=True)  # fmt: skip
     assert "weights_only=False" in caplog.text and (tmp_path / "out" / "model_index.json").is_file()
 
+
+
+def test_converter_writes_imagenet_label_names_into_model_index(tmp_path, converted):
+    """A 1000-class release gets id2label in model_index.json (DiT's convention), and `bitdance generate` takes names."""
+    transformer, head = build_imagenet_models("tiny", block_size=4, num_classes=1000, sample_size=4)
+    vae = BitDanceTokenizer(z_channels=32, ch=32, ch_mult=(2, 1, 1, 1, 1), num_res_blocks=1)
+    weights = {**transformer.state_dict(), **{f"head.net.{k}": v for k, v in head.state_dict().items()},
+               **{f"vae.{k}": v for k, v in vae.state_dict().items()}}  # fmt: skip
+    torch.save({"ema": weights}, tmp_path / "BitDance_tiny_1000.pt")
+    convert_imagenet(str(tmp_path / "BitDance_tiny_1000.pt"), str(tmp_path / "out"), num_attention_heads=2)
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert len(index["id2label"]) == 1000 and index["id2label"]["207"] == "golden retriever"
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.get_label_ids(["golden retriever", "volcano"]) == [207, 980]
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bitdance_diffusers.cli", "generate", "--model", str(tmp_path / "out"),
+         "--class_labels", "golden retriever", "--steps", "1", "--output", str(tmp_path / "dog.png")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "dog.png").size == (64, 64)
+
+    # The fixtures' 10-class models are not ImageNet-1k: no names are written.
+    fixture_index = json.loads((converted[("imagenet_1x", "ema")] / "model_index.json").read_text())
+    assert fixture_index["id2label"] is None

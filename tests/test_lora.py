@@ -23,6 +23,7 @@ from bitdance_diffusers.training import (
     train_text_to_image,
 )
 from conftest import REPO, generator, offline_hub_cache
+from cuda_graph_stub import eager_graphs  # noqa: F401 (fixture)
 
 
 def fresh_pipe():
@@ -44,7 +45,7 @@ def model_outputs(pipe):
     width = pipe.diffusion_head.config.condition_channels
     head_inputs = (torch.randn(2, 16, 32), torch.rand(2), torch.randn(2, 16, width))
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    return pipe.language_model(input_ids=ids).last_hidden_state, pipe.diffusion_head(*head_inputs)
+    return pipe.language_model(input_ids=ids).last_hidden_state, pipe.diffusion_head(*head_inputs).sample
 
 
 def add_random_adapters(pipe, targets, rank=4, seed=1):
@@ -223,13 +224,19 @@ def test_adapters_load_by_hub_id_from_the_offline_cache(tmp_path):
     assert result.stdout.strip() == "[('diffusion_head', ['style']), ('language_model', ['style'])]"
 
 
-def test_every_change_of_the_adapters_drops_captured_cuda_graphs(tmp_path):
-    """A head graph replays the adapters and scales of its capture: each change must start a fresh runner."""
+def test_every_change_of_the_adapters_drops_captured_cuda_graphs(tmp_path, eager_graphs):
+    """A head graph replays the adapters and scales of its capture: after each change the next call captures anew,
+    and without a change the graphs are replayed (captures stubbed, see cuda_graph_stub)."""
     pipe = fresh_pipe()
     add_random_adapters(pipe, LORA_TARGET_MODULES)
     save_adapters(pipe, tmp_path)
     pipe = fresh_pipe()
-    pipe.enable_cuda_graphs()  # nothing is captured before a CUDA call; the runner object is what gets replaced
+    pipe.enable_cuda_graphs(backbone=False)
+
+    def head_captures():
+        pipe("a", height=64, width=64, num_inference_steps=1, generator=generator(0), output_type="latent")
+        return sum(runner.function is pipe.diffusion_head for runner in eager_graphs)
+
     changes = [
         lambda: pipe.load_lora_weights(tmp_path, adapter_name="style"),
         lambda: pipe.set_adapters("style", 0.5),
@@ -237,18 +244,17 @@ def test_every_change_of_the_adapters_drops_captured_cuda_graphs(tmp_path):
         lambda: pipe.unfuse_lora(),
         lambda: pipe.disable_lora(),
         lambda: pipe.enable_lora(),
-        lambda: pipe.set_lora_device(["style"], "cpu"),
         lambda: pipe.delete_adapters("style"),
         lambda: pipe.load_lora_weights(tmp_path, adapter_name="other"),
         lambda: pipe.unload_lora_weights(),
     ]
+    captured = head_captures()
+    assert captured == 1 and head_captures() == captured  # replayed, not captured again
     for change in changes:
-        runner = pipe._head_cuda_graphs
         change()
-        assert pipe._head_cuda_graphs is not runner and pipe._head_cuda_graphs.module is pipe.diffusion_head
-    pipe.disable_cuda_graphs()
-    pipe.load_lora_weights(tmp_path)
-    assert pipe._head_cuda_graphs is None
+        assert head_captures() == captured + 1
+        captured += 1
+        assert head_captures() == captured
 
 
 def test_loading_after_model_offload_keeps_the_offload(tmp_path):
@@ -275,6 +281,10 @@ def test_bad_lora_files_are_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not found in the base model"):
         pipe.load_lora_weights({"language_model.layers.0.mlp.fc9.lora_A.weight": torch.zeros(4, 64),
                                 "language_model.layers.0.mlp.fc9.lora_B.weight": torch.zeros(64, 4)})  # fmt: skip
+    # Half an adapter: an up projection without its down projection and the reverse.
+    with pytest.raises(ValueError, match=r"incomplete: 2 tensors are missing, e\.g\. \['diffusion_head\.x\.lora_B\.weight'"):
+        pipe.load_lora_weights({"diffusion_head.x.lora_A.weight": torch.zeros(4, 4),
+                                "language_model.y.lora_B.weight": torch.zeros(4, 4)})  # fmt: skip
     # Saved for a deeper language model: its config targets q_proj, but layer 9 does not exist here.
     q_proj = pipe.language_model.layers[0].self_attn.q_proj
     BitDancePipeline.save_lora_weights(

@@ -1,5 +1,7 @@
 """BitDancePipeline behaviour on tiny random models: batching, RNG contract, schedulers, outputs, callbacks, errors."""
 
+import io
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -244,8 +246,8 @@ def test_errors_name_the_fix(tiny_pipe):
 
 
 def test_tokenizer_without_query_tokens_is_rejected(tiny_pipe):
+    run(tiny_pipe, num_inference_steps=1)  # the ids of the shipped tokenizer are looked up, then the tokenizer swapped
     tiny_pipe.tokenizer = build_byte_tokenizer().__class__(vocab={"a": 0, "b": 1}, merges=[])
-    tiny_pipe._special_token_ids = None
     with pytest.raises(ValueError, match="lacks BitDance's special tokens"):
         run(tiny_pipe)
 
@@ -270,9 +272,17 @@ def test_static_kv_cache_gives_the_same_tokens(tiny_pipe):
     kwargs = dict(height=128, width=256, num_inference_steps=3, guidance_scale=4.0, output_type="latent")
     prompts = ["a red circle", "two blue squares on a much longer line of text"]
     dynamic = tiny_pipe(prompts, generator=torch.Generator().manual_seed(5), **kwargs).images
-    tiny_pipe._static_kv_cache = True
-    try:
-        static = tiny_pipe(prompts, generator=torch.Generator().manual_seed(5), **kwargs).images
-    finally:
-        tiny_pipe._static_kv_cache = False
+    tiny_pipe.block_engine.static_cache = True
+    static = tiny_pipe(prompts, generator=torch.Generator().manual_seed(5), **kwargs).images
     assert torch.equal(static, dynamic)
+
+
+def test_one_progress_bar_per_generation_labelled_by_the_pipeline_config(tiny_pipe, monkeypatch):
+    """One bar over the blocks, with no description of its own, so set_progress_bar_config(desc=...) labels it."""
+    bars, progress_bar = [], tiny_pipe.progress_bar
+    monkeypatch.setattr(tiny_pipe, "progress_bar", lambda **kwargs: bars.append(kwargs) or progress_bar(**kwargs))
+    stream = io.StringIO()
+    tiny_pipe.set_progress_bar_config(desc="blocks", file=stream, disable=False)
+    run(tiny_pipe, generator=generator(0))
+    output = stream.getvalue()
+    assert bars == [{"total": 4}] and output.count("blocks:   0%") == 1 and output.count("\n") == 1 and "4/4" in output

@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from bitdance_diffusers import BinaryFlowScheduler
-from bitdance_diffusers.pipelines.block_sampling import x_prediction_to_velocity
+from bitdance_diffusers.pipelines.engines import x_prediction_to_velocity
 from bitdance_diffusers.schedulers import SAMPLERS, scheduler_for_sampler
 
 

@@ -51,7 +51,7 @@ def test_training_conditions_equal_cached_inference(block_size, height, width):
          callback_on_step_end=force_tokens)  # fmt: skip
     cached = torch.stack(inference_conditions[::2], dim=1)  # first head call of every block
     with torch.no_grad():
-        teacher_forced = teacher_forced_conditions(pipe, [pipe.encode_prompt(p, None, False)[0] for p in prompts], codes)
+        teacher_forced = teacher_forced_conditions(pipe, pipe.tokenize_prompt(prompts), codes)
     assert teacher_forced.shape == cached.shape
     assert (teacher_forced - cached).abs().max() < 1e-5
 

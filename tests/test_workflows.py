@@ -78,10 +78,10 @@ def test_attention_backends_of_the_head(tiny_pipe):
     head = tiny_pipe.diffusion_head
     sample, t, condition = torch.randn(2, 16, 32), torch.rand(2), torch.randn(2, 16, 64)
     with torch.no_grad():
-        native = head(sample, t, condition)
+        native = head(sample, t, condition).sample
         head.set_attention_backend("_native_math")
         try:
-            math = head(sample, t, condition)
+            math = head(sample, t, condition).sample
         finally:
             head.reset_attention_backend()
     assert (native - math).abs().max() < 1e-5

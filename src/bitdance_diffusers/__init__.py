@@ -82,15 +82,21 @@ def __dir__():
 
 def _register_pipelines_with_diffusers():
     """``DiffusionPipeline.from_pretrained`` looks the model_index.json ``_class_name`` up on the diffusers module, and
-    loads components only from modules already imported: the models and schedulers that model_index.json names."""
+    loads components only from modules already imported: the models and schedulers that model_index.json names.
+    ``AutoModel.from_pretrained`` looks a component's config ``_class_name`` up on the diffusers module too, so the
+    models are registered there as well."""
     import diffusers
 
-    from . import models, schedulers  # noqa: F401
+    from . import models, schedulers
     from .pipelines import BitDanceImageNetPipeline, BitDancePipeline
 
-    for pipeline_class in (BitDancePipeline, BitDanceImageNetPipeline):
-        if not hasattr(diffusers, pipeline_class.__name__):
-            setattr(diffusers, pipeline_class.__name__, pipeline_class)
+    classes = (
+        BitDancePipeline, BitDanceImageNetPipeline, schedulers.BinaryFlowScheduler, models.BitDanceTokenizer,
+        models.BitDanceDiffusionHead, models.BitDanceMLPHead, models.BitDanceProjector, models.BitDanceImageNetTransformer,
+    )  # fmt: skip
+    for registered_class in classes:
+        if not hasattr(diffusers, registered_class.__name__):
+            setattr(diffusers, registered_class.__name__, registered_class)
 
 
 class _RegisterWhenDiffusersIsImported(importlib.abc.MetaPathFinder):

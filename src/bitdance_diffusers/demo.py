@@ -144,7 +144,7 @@ def build_demo(pipe, model_name: str | None = None, examples: list[str] | None =
     import torch
 
     from .pipelines import BitDanceImageNetPipeline
-    from .pipelines.pipeline_bitdance_imagenet import GUIDANCE_SCHEDULES
+    from .pipelines.block_sampling import GUIDANCE_SCHEDULES
     from .schedulers import SAMPLERS, scheduler_for_sampler
 
     class_conditional = isinstance(pipe, BitDanceImageNetPipeline)

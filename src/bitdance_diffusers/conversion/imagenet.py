@@ -12,6 +12,7 @@ own ``vae.*`` copy is used, with a warning.
 """
 
 import argparse
+import json
 import math
 import pickle
 from pathlib import Path
@@ -40,6 +41,9 @@ from .output_folder import atomic_output_dir, check_dump_path
 from .tokenizer import tokenizer_config_from_state_dict
 
 
+# The ImageNet-1k class names by id (comma-separated synonyms, the customary ILSVRC-2012 order), written into the
+# pipeline's model_index.json as `id2label`, as diffusers' DiT pipelines carry them.
+IMAGENET_ID2LABEL_FILE = Path(__file__).with_name("imagenet_id2label.json")
 WEIGHTS = ("ema", "model")
 HEAD_PREFIX = "head.net."
 VAE_PREFIX = "vae."
@@ -53,6 +57,11 @@ EXTRA_ENTRY_REASONS = {
     "steps": "training progress counter",
     "args": "training arguments (the architecture is read from the tensor shapes)",
 }
+
+
+def imagenet_id2label() -> dict[int, str]:
+    """The 1000 ImageNet-1k class names by class id, e.g. ``{0: "tench, Tinca tinca", 1: "goldfish, ...", ...}``."""
+    return {int(key): value for key, value in json.loads(IMAGENET_ID2LABEL_FILE.read_text()).items()}
 
 
 def load_torch_checkpoint(path: str | Path, what: str, allow_unsafe_pickle: bool = False):
@@ -290,8 +299,13 @@ def convert_imagenet(
         raise ConversionError(f"{source} holds no vae.* tensors; pass --vae_checkpoint_path ae_d16c32.pt.")
     check_matching_channels(transformer_config, head, vae, source)
 
+    id2label = imagenet_id2label()
+    if transformer_config["num_classes"] != len(id2label):
+        logger.info("%d classes, not ImageNet-1k's %d: no label names written", transformer_config["num_classes"],
+                    len(id2label))  # fmt: skip
+        id2label = None
     pipeline = BitDanceImageNetPipeline(
-        transformer=transformer.eval(), diffusion_head=head, vae=vae, scheduler=BinaryFlowScheduler()
+        transformer=transformer.eval(), diffusion_head=head, vae=vae, scheduler=BinaryFlowScheduler(), id2label=id2label
     )
     with atomic_output_dir(dump_path, overwrite, sources) as staging:
         pipeline.save_pretrained(staging)

@@ -108,14 +108,27 @@ def load_lora_into_backbone(
         prepare_model_for_compiled_hotswap(model, config=model.peft_config, **hotswap_preparation)
 
 
+def check_lora_pairs(state_dict: dict):
+    """Raise unless every ``lora_A`` weight has its ``lora_B`` and the reverse (a half adapter would load as zeros or
+    fail deep inside PEFT)."""
+    down = {key.replace(".lora_A.", ".lora_*.") for key in state_dict if ".lora_A." in key}
+    up = {key.replace(".lora_B.", ".lora_*.") for key in state_dict if ".lora_B." in key}
+    missing = sorted([key.replace("*", "B") for key in down - up] + [key.replace("*", "A") for key in up - down])
+    if missing:
+        raise ValueError(
+            f"The LoRA checkpoint is incomplete: {len(missing)} tensors are missing, e.g. {missing[:3]} (every lora_A "
+            "weight needs its lora_B, and the reverse). Save the adapter again with save_lora_weights."
+        )
+
+
 class BitDanceLoraLoaderMixin(LoraBaseMixin):
     r"""
     Load, save, fuse and switch LoRA adapters of the backbone and the diffusion head.
 
     Each pipeline names its adaptable components in ``_lora_loadable_modules``: ``["language_model",
-    "diffusion_head"]`` for text-to-image, ``["transformer", "diffusion_head"]`` for the ImageNet models. Every method
-    that changes the adapters ends with the pipeline's ``reset_cuda_graphs``, so that no CUDA graph replays the old
-    ones.
+    "diffusion_head"]`` for text-to-image, ``["transformer", "diffusion_head"]`` for the ImageNet models. No CUDA graph
+    replays old adapters: the pipeline's engines compare the adapters, scales and weights of their modules before
+    replaying (`pipelines.engines.cuda_graphs.graph_dependencies`).
     """
 
     _lora_loadable_modules: list[str] = []
@@ -195,6 +208,7 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
                 f"The LoRA checkpoint has layers for {unknown}, which {type(self).__name__} does not take; its "
                 f"adaptable components are {self._lora_loadable_modules} (tensor names start with the component)."
             )
+        check_lora_pairs(state_dict)
         models = [getattr(self, name) for name in self._lora_loadable_modules]
         if adapter_name is None:
             adapter_name = f"default_{max(len(getattr(model, 'peft_config', {})) for model in models)}"
@@ -208,7 +222,6 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
                                                   low_cpu_mem_usage)  # fmt: skip
         finally:
             self._reapply_offloading(*offloading)
-            self.reset_cuda_graphs()
 
     def _load_component_lora(self, name, model, state_dict, metadata, adapter_name, hotswap, low_cpu_mem_usage):
         prefix = f"{name}."
@@ -322,38 +335,10 @@ class BitDanceLoraLoaderMixin(LoraBaseMixin):
             adapter_names=adapter_names,
             **kwargs,
         )
-        self.reset_cuda_graphs()
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs):
         """Undo `fuse_lora` on ``components`` (default: every adaptable component)."""
         super().unfuse_lora(components=components or self._lora_loadable_modules, **kwargs)
-        self.reset_cuda_graphs()
-
-    # The other changes of the adapters, as in diffusers, then a reset of the captured graphs.
-
-    def set_adapters(self, *args, **kwargs):
-        super().set_adapters(*args, **kwargs)
-        self.reset_cuda_graphs()
-
-    def enable_lora(self):
-        super().enable_lora()
-        self.reset_cuda_graphs()
-
-    def disable_lora(self):
-        super().disable_lora()
-        self.reset_cuda_graphs()
-
-    def delete_adapters(self, adapter_names: list[str] | str):
-        super().delete_adapters(adapter_names)
-        self.reset_cuda_graphs()
-
-    def unload_lora_weights(self):
-        super().unload_lora_weights()
-        self.reset_cuda_graphs()
-
-    def set_lora_device(self, adapter_names: list[str], device: torch.device | str | int):
-        super().set_lora_device(adapter_names, device)
-        self.reset_cuda_graphs()
 
 
 def adapter_state_and_config(model: torch.nn.Module, adapter_name: str = "default") -> tuple[dict, dict]:

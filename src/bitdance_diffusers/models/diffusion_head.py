@@ -13,6 +13,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .embeddings import TimestepEmbedding
 
@@ -168,15 +169,18 @@ class BitDanceDiffusionHead(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapter
         timestep: torch.Tensor,
         condition: torch.Tensor,
         attention_kwargs: dict | None = None,
-    ) -> torch.Tensor:
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """
         Args:
             sample: noisy tokens ``[B, P, in_channels]`` at time ``timestep``.
             timestep: ``[B]`` flow time ``t`` in [0, 1] (1 = data).
             condition: ``[B, P, condition_channels]`` backbone hidden states (+ positional embedding).
 
+            return_dict: return a `Transformer2DModelOutput` (else a 1-tuple).
         Returns:
-            ``[B, P, in_channels]`` prediction of the clean tokens.
+            ``[B, P, in_channels]`` prediction of the clean tokens, in ``.sample`` or the tuple.
         """
         out = run_ada_ln_head(self, sample, timestep, condition, attention_kwargs)
-        return 2 * torch.sigmoid(out) - 1 if self.config.bounded_output else out
+        out = 2 * torch.sigmoid(out) - 1 if self.config.bounded_output else out
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)

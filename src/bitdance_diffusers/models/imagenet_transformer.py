@@ -20,7 +20,7 @@ from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from ..utils.attention_masks import block_causal_allowed
+from .attention_masks import block_causal_allowed
 from ..utils.token_layout import grid_to_sequence, patch_size_for_block
 
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .diffusion_head import HeadFinalLayer, modulate, run_ada_ln_head
 from .embeddings import TimestepEmbedding
@@ -74,7 +75,8 @@ class BitDanceMLPHead(ModelMixin, ConfigMixin, PeftAdapterMixin):
         timestep: torch.Tensor,
         condition: torch.Tensor,
         attention_kwargs: dict | None = None,
-    ) -> torch.Tensor:
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """
         Args:
             sample: noisy tokens ``[B, P, in_channels]`` at time ``timestep`` (each token is processed alone).
@@ -83,7 +85,9 @@ class BitDanceMLPHead(ModelMixin, ConfigMixin, PeftAdapterMixin):
             attention_kwargs: unused (the head has no attention); accepted so that every BitDance head is called
                 the same way.
 
+            return_dict: return a `Transformer2DModelOutput` (else a 1-tuple).
         Returns:
-            ``[B, P, in_channels]`` raw prediction of the clean tokens.
+            ``[B, P, in_channels]`` raw prediction of the clean tokens, in ``.sample`` or the tuple.
         """
-        return run_ada_ln_head(self, sample, timestep, condition)
+        out = run_ada_ln_head(self, sample, timestep, condition)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)

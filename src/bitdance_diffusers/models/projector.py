@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 
 class BitDanceProjector(ModelMixin, ConfigMixin):
@@ -22,5 +23,7 @@ class BitDanceProjector(ModelMixin, ConfigMixin):
         self.fc1 = nn.Linear(in_channels, hidden_size)
         self.fc2 = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(tokens.to(self.dtype)), approximate="tanh"))
+    def forward(self, tokens: torch.Tensor, return_dict: bool = True) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """``tokens [B, P, in_channels]`` -> embeddings ``[B, P, hidden_size]`` (in ``.sample``, or a 1-tuple)."""
+        out = self.fc2(F.gelu(self.fc1(tokens.to(self.dtype)), approximate="tanh"))
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)

@@ -1,6 +1,6 @@
 """BitDancePipeline: text-to-image generation by next-block diffusion over binary tokens."""
 
-import inspect
+import numbers
 from typing import Any, Callable
 
 import torch
@@ -8,21 +8,28 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils import replace_example_docstring
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from diffusers.utils import logging, replace_example_docstring
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..loaders.lora import BitDanceLoraLoaderMixin
 from ..loaders.pretrained import BitDancePretrainedMixin
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..models.diffusion_head import BitDanceDiffusionHead
-from ..models.embeddings import sincos_2d_sequence
 from ..models.projector import BitDanceProjector
-from ..utils.attention_masks import additive_mask, block_causal_allowed
-from ..utils.cuda_graphs import CUDAGraphRunner
-from ..utils.grouped_query_attention import packed_gqa_attention
+from ..special_tokens import (
+    IMAGE_START_TOKEN,
+    NUM_RESOLUTION_TOKENS,
+    UNCONDITIONAL_PROMPT,
+    USER_TEMPLATE,
+    query_token,
+    resolution_token,
+)
 from ..utils.token_layout import patch_size_for_block, sequence_to_grid
 from .block_sampling import BlockAutoregressiveMixin
+from .engines import DiffusionHeadSampler, LanguageModelBlockEngine, embed_token_ids
 
+
+logger = logging.get_logger(__name__)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -44,14 +51,25 @@ DEFAULT_IMAGE_SIZES = [
     [1024, 256], [896, 256], [640, 384], [512, 512], [384, 640], [256, 896], [256, 1024],
 ]  # fmt: skip
 
-USER_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-UNCONDITIONAL_PROMPT = "<|im_start|>assistant\n"
-IMAGE_START_TOKEN = "<|vision_start|>"
 
-
-def _cache_argument_name(model: torch.nn.Module) -> str:
-    """transformers >= 5.24 calls the cache argument ``cache``; earlier versions ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+def check_block_size_and_image_sizes(block_size, image_sizes):
+    """Raise unless ``block_size`` is a positive square number of tokens and ``image_sizes`` a list of positive
+    ``[height, width]`` integer pairs (both come from a saved ``model_index.json``)."""
+    if not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(
+            f"`block_size` must be a positive square number of tokens per block (16 or 64 for the released models), "
+            f"got {block_size!r}; fix `block_size` in the pipeline's model_index.json."
+        )
+    patch_size_for_block(block_size)
+    if not isinstance(image_sizes, (list, tuple)) or not image_sizes or not all(
+        isinstance(size, (list, tuple)) and len(size) == 2
+        and all(isinstance(side, numbers.Integral) and not isinstance(side, bool) and side > 0 for side in size)
+        for size in image_sizes
+    ):  # fmt: skip
+        raise ValueError(
+            f"`image_sizes` must be a non-empty list of [height, width] pairs of positive integers, got "
+            f"{image_sizes!r}; fix `image_sizes` in the pipeline's model_index.json."
+        )
 
 
 class BitDancePipeline(BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDanceLoraLoaderMixin, DiffusionPipeline):
@@ -59,6 +77,9 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDan
     Text-to-image with BitDance: a Qwen3 language model reads the prompt and then, block by block, the image's binary
     tokens in patch-raster order; a diffusion head samples the ``P`` tokens of each block jointly from the model's
     hidden states; the binary autoencoder decodes the token grid.
+
+    The language model runs through ``pipe.block_engine`` (a `LanguageModelBlockEngine`: KV cache, masks, static
+    cache and CUDA graphs), the head through ``pipe.head_sampler`` (a `DiffusionHeadSampler`).
 
     Args:
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]): text tokenizer with the ``<|res_k|>`` and
@@ -100,12 +121,14 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDan
             vae=vae,
             scheduler=scheduler,
         )
-        patch_size_for_block(block_size)
-        image_sizes = [list(size) for size in (image_sizes or DEFAULT_IMAGE_SIZES)]
-        self.register_to_config(block_size=block_size, image_sizes=image_sizes)
+        image_sizes = DEFAULT_IMAGE_SIZES if image_sizes is None else image_sizes
+        check_block_size_and_image_sizes(block_size, image_sizes)
+        self.register_to_config(block_size=int(block_size), image_sizes=[[int(h), int(w)] for h, w in image_sizes])
         self.vae_scale_factor = vae.downsample_factor if vae is not None else 16
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._special_token_ids = None
+        self.block_engine = LanguageModelBlockEngine()
+        self.head_sampler = DiffusionHeadSampler()
 
     # Properties read by callbacks ----------------------------------------------------------------------------------
 
@@ -117,63 +140,213 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDan
 
     def special_token_ids(self) -> dict:
         """Ids of the image-start, resolution and query tokens, looked up by name in the tokenizer."""
-        if self._special_token_ids is None:
+        if self._special_token_ids is None or self._special_token_ids[0] is not self.tokenizer:
             vocab = self.tokenizer.get_vocab()
             block_size = self.config.block_size
-            names = [IMAGE_START_TOKEN] + [f"<|query_{k}|>" for k in range(1, block_size)]
+            names = [IMAGE_START_TOKEN] + [query_token(k) for k in range(1, block_size)]
             missing = [name for name in names if name not in vocab]
-            missing += [f"<|res_{k}|>" for k in (1, 256) if f"<|res_{k}|>" not in vocab]
+            edges = (f"<|res_{k}|>" for k in (1, NUM_RESOLUTION_TOKENS))
+            missing += [name for name in edges if name not in vocab]
             if missing:
                 raise ValueError(
                     f"The tokenizer lacks BitDance's special tokens {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
-                    f"a block size of {block_size} needs {IMAGE_START_TOKEN}, <|res_1|>..<|res_256|> and "
-                    f"<|query_1|>..<|query_{block_size - 1}|>. Load the tokenizer that ships with the checkpoint."
+                    f"a block size of {block_size} needs {IMAGE_START_TOKEN}, "
+                    f"<|res_1|>..<|res_{NUM_RESOLUTION_TOKENS}|> and {query_token(1)}..{query_token(block_size - 1)}. "
+                    "Load the tokenizer that ships with the checkpoint."
                 )
-            self._special_token_ids = {
-                "image_start": vocab[IMAGE_START_TOKEN],
-                "queries": [vocab[f"<|query_{k}|>"] for k in range(1, block_size)],
-            }
-        return self._special_token_ids
+            queries = [vocab[query_token(k)] for k in range(1, block_size)]
+            ids = {"image_start": vocab[IMAGE_START_TOKEN], "queries": queries}
+            self._special_token_ids = (self.tokenizer, ids)
+        return self._special_token_ids[1]
 
     def image_prefix_ids(self, height: int, width: int) -> list[int]:
         """``[<|vision_start|>, <|res_{H/16}|>, <|res_{W/16}|>, <|query_1|> .. <|query_{P-1}|>]`` (height first)."""
         ids = self.special_token_ids()
-        resolution = [self.tokenizer.convert_tokens_to_ids(f"<|res_{size // 16}|>") for size in (height, width)]
+        resolution = [self.tokenizer.convert_tokens_to_ids(resolution_token(size)) for size in (height, width)]
         return [ids["image_start"], *resolution, *ids["queries"]]
+
+    def positions_for_prompt(self, height: int, width: int) -> int:
+        """Positions of the language model left for a templated prompt beside an image of ``height x width``: the
+        image prefix (``P + 2`` tokens) and every image token but the last block's take the rest."""
+        image_tokens = (height // self.vae_scale_factor) * (width // self.vae_scale_factor)
+        return self.language_model.config.max_position_embeddings - image_tokens - 2
+
+    def _template_ids(self) -> tuple[list[int], list[int]]:
+        """Token ids of the chat template before and after the prompt text."""
+        head, tail = USER_TEMPLATE.split("{}")
+        return self.tokenizer.encode(head), self.tokenizer.encode(tail)
+
+    def max_prompt_tokens(self) -> int:
+        """The default ``max_sequence_length``: the most prompt-text tokens (inside the chat template) that leave room
+        in the language model's positions for the largest image of ``config.image_sizes``."""
+        head, tail = self._template_ids()
+        free = min(self.positions_for_prompt(height, width) for height, width in self.config.image_sizes)
+        return free - len(head) - len(tail)
+
+    def tokenize_prompt(
+        self, prompt: str | list[str] | None, max_sequence_length: int | None = None
+    ) -> list[list[int]]:
+        """Token ids of each prompt in BitDance's chat template (``special_tokens.USER_TEMPLATE``); ``None`` gives the
+        prompt-free template of the unconditional branch (training's text dropout).
+
+        A prompt of more than ``max_sequence_length`` text tokens (default `max_prompt_tokens`) keeps its first ones,
+        with a warning that quotes what was dropped; the template around it stays whole.
+        """
+        prompts = [prompt] if prompt is None or isinstance(prompt, str) else list(prompt)
+        limit = self.max_prompt_tokens() if max_sequence_length is None else max_sequence_length
+        head, tail = self._template_ids()
+        rows = []
+        for text in prompts:
+            if text is None:
+                rows.append(self.tokenizer.encode(UNCONDITIONAL_PROMPT))
+                continue
+            ids = self.tokenizer.encode(USER_TEMPLATE.format(text))
+            if len(ids) - len(head) - len(tail) > limit:
+                if ids[len(ids) - len(tail) :] != tail:
+                    raise ValueError(
+                        f"Cannot shorten the prompt to max_sequence_length={limit} tokens without breaking the chat "
+                        f"template ({self.tokenizer.decode(ids[-len(tail):])!r} does not end it); shorten the prompt."
+                    )
+                dropped = self.tokenizer.decode(ids[len(head) + limit : len(ids) - len(tail)])
+                logger.warning(
+                    f"The following part of your input was truncated because `max_sequence_length` is set to {limit} "
+                    f"tokens: {dropped!r}"
+                )
+                ids = ids[: len(head) + limit] + tail
+            rows.append(ids)
+        return rows
+
+    def _embed_rows(self, rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-id rows -> left-padded input embeddings ``[B, L, D]`` and mask ``[B, L]`` (1 = token, 0 = padding)."""
+        length = max(len(ids) for ids in rows)
+        mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in rows], device=device)
+        ids = torch.tensor([[0] * (length - len(ids)) + ids for ids in rows], device=device)
+        embeds = embed_token_ids(self.language_model, ids, device)
+        return embeds * mask[..., None].to(embeds.dtype), mask
 
     def encode_prompt(
         self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None,
-        do_classifier_free_guidance: bool,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
         num_images_per_prompt: int = 1,
-    ) -> list[list[int]]:
-        """Token ids of every language-model row: conditional rows then (with CFG) unconditional rows.
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds_mask: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+        device: torch.device | None = None,
+    ):
+        r"""
+        Encode prompts into what `__call__` takes as ``prompt_embeds`` and ``negative_prompt_embeds``: the language
+        model's input embeddings of the templated prompts (`tokenize_prompt`), left-padded, with their masks. Encode
+        once and reuse them across calls, seeds and batch sizes, or edit them (prompt weighting).
 
-        Conditional text is ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``; the default
-        unconditional text, also for an empty negative prompt, is ``<|im_start|>assistant\\n`` (the user turn removed,
-        as in training's text dropout).
+        Args:
+            prompt (`str` or `list[str]`, *optional*): the prompts (or pass ``prompt_embeds``).
+            negative_prompt (`str` or `list[str]`, *optional*): text of the unconditional branch, one for all prompts
+                or one per prompt; by default (and where blank) the original's prompt-free template.
+            do_classifier_free_guidance (`bool`, defaults to `True`): also encode the unconditional branch.
+            num_images_per_prompt (`int`, defaults to 1): rows per prompt in the output.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): ``[B, L, D]`` embeddings encoded
+                before; repeated ``num_images_per_prompt`` times.
+            prompt_embeds_mask, negative_prompt_embeds_mask (`torch.Tensor`, *optional*): ``[B, L]``, 1 where
+                ``*_embeds`` hold a token (default: everywhere).
+            max_sequence_length (`int`, *optional*): the most prompt-text tokens (see `tokenize_prompt`).
+            device (`torch.device`, *optional*): where the embeddings go (default: the pipeline's execution device).
+
+        Returns:
+            `tuple`: ``prompt_embeds [B * n, L, D]``, ``prompt_embeds_mask [B * n, L]``, ``negative_prompt_embeds``
+            and ``negative_prompt_embeds_mask`` (``None`` without guidance), ``n = num_images_per_prompt``.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        texts = [USER_TEMPLATE.format(p) for p in prompts for _ in range(num_images_per_prompt)]
-        if do_classifier_free_guidance:
-            if negative_prompt is None:
-                negatives = [UNCONDITIONAL_PROMPT] * len(prompts)
-            else:
-                negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-                # An empty negative prompt means none: the prompt-free template the model was trained with.
-                negatives = [USER_TEMPLATE.format(n) if n.strip() else UNCONDITIONAL_PROMPT for n in negatives]
-            texts += [n for n in negatives for _ in range(num_images_per_prompt)]
-        return [self.tokenizer.encode(text) for text in texts]
+        device = device or self._execution_device
+        if prompt_embeds is None:
+            rows = self.tokenize_prompt(prompt, max_sequence_length)
+            prompt_embeds, prompt_embeds_mask = self._embed_rows(rows, device)
+        elif prompt_embeds_mask is None:
+            prompt_embeds_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
+        num_prompts = prompt_embeds.shape[0]
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds_mask = None
+        elif negative_prompt_embeds is None:
+            if not isinstance(negative_prompt, (list, tuple)):
+                negative_prompt = [negative_prompt] * num_prompts
+            # A blank negative prompt means none: the prompt-free template the model was trained with.
+            negatives = [text if text is not None and text.strip() else None for text in negative_prompt]
+            rows = self.tokenize_prompt(negatives, max_sequence_length)
+            negative_prompt_embeds, negative_prompt_embeds_mask = self._embed_rows(rows, device)
+        elif negative_prompt_embeds_mask is None:
+            negative_prompt_embeds_mask = torch.ones(
+                negative_prompt_embeds.shape[:2], dtype=torch.long, device=negative_prompt_embeds.device
+            )
+        prompt_embeds, prompt_embeds_mask = (
+            x.to(device).repeat_interleave(num_images_per_prompt, dim=0) for x in (prompt_embeds, prompt_embeds_mask)
+        )
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds, negative_prompt_embeds_mask = (
+                x.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+                for x in (negative_prompt_embeds, negative_prompt_embeds_mask)
+            )
+        return prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask
 
-    def check_inputs(self, prompt, negative_prompt, height, width, generator, num_images_per_prompt, callback_inputs):
-        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
-            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
-        if isinstance(prompt, list) and len(prompt) == 0:
-            raise ValueError("`prompt` is an empty list; pass at least one prompt.")
-        num_prompts = 1 if isinstance(prompt, str) else len(prompt)
-        if isinstance(negative_prompt, list) and len(negative_prompt) != num_prompts:
-            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {num_prompts} prompts.")
+    # Checks ----------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_inference_steps,
+        num_images_per_prompt,
+        generator,
+        prompt_embeds=None,
+        prompt_embeds_mask=None,
+        negative_prompt_embeds=None,
+        negative_prompt_embeds_mask=None,
+        callback_on_step_end_tensor_inputs=None,
+        max_sequence_length=None,
+    ):
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError(
+                f"Cannot forward both `prompt`: {prompt} and `prompt_embeds`: {prompt_embeds}. Please make sure to"
+                " only forward one of the two."
+            )
+        if prompt is None and prompt_embeds is None:
+            raise ValueError(
+                "Provide either `prompt` or `prompt_embeds`. Cannot leave both `prompt` and `prompt_embeds` undefined."
+            )
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError(
+                f"Cannot forward both `negative_prompt`: {negative_prompt} and `negative_prompt_embeds`:"
+                f" {negative_prompt_embeds}. Please make sure to only forward one of the two."
+            )
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+            if not prompts:
+                raise ValueError("`prompt` is an empty list; pass at least one prompt.")
+            num_prompts = len(prompts)
+        else:
+            num_prompts = self._check_embeds("prompt_embeds", prompt_embeds, prompt_embeds_mask, None)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(n, str) for n in negative_prompt):
+                raise ValueError(
+                    f"`negative_prompt` must be a string (for every prompt) or a list of strings, one per prompt; got "
+                    f"{negative_prompt!r}."
+                )
+            if len(negative_prompt) != num_prompts:
+                raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {num_prompts} prompts.")
+        if negative_prompt_embeds is not None:
+            self._check_embeds(
+                "negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_mask, num_prompts
+            )
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(
+                    f"`{name}` must be an integer number of pixels, got {value!r} ({type(value).__name__})."
+                )
         if [height, width] not in self.config.image_sizes:
             sizes = ", ".join(f"{h}x{w}" for h, w in self.config.image_sizes)
             raise ValueError(
@@ -187,6 +360,8 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDan
                 f"Size {height}x{width} does not split into {patch}x{patch}-pixel blocks of {self.config.block_size} "
                 f"tokens; use a multiple of {patch} for both sides."
             )
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         num_images = num_prompts * num_images_per_prompt
@@ -196,112 +371,63 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDan
                 f"Got a list of {len(generator)} generators for {num_images} images ({num_prompts} prompts x "
                 f"{num_images_per_prompt} per prompt); pass one generator, or exactly one per image."
             )
-        if callback_inputs is not None and not all(k in self._callback_tensor_inputs for k in callback_inputs):
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}.")
+        self._check_prompt_length(height, width, max_sequence_length, prompt_embeds, prompt_embeds_mask,
+                                  negative_prompt_embeds, negative_prompt_embeds_mask)  # fmt: skip
         self.check_scheduler()
 
-    # Language model ------------------------------------------------------------------------------------------
-
-    def _language_model_step(self, cache, position_ids, attention_mask, input_ids=None, inputs_embeds=None):
-        """One cached forward; returns the last ``P`` hidden states ``[R, P, D]``."""
-        output = self.language_model(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self._cache_argument: cache},
-        )
-        return output.last_hidden_state[:, -self.config.block_size :]
-
-    def _graphed_language_model_step(self, cache: StaticCache):
-        """``_language_model_step`` over ``cache`` replayed from a CUDA graph (captured at the first block)."""
-        fill_counters = [layer.cumulative_length for layer in getattr(cache, "layers", [])]
-        if not all(isinstance(counter, torch.Tensor) for counter in fill_counters) or not fill_counters:
-            raise RuntimeError(
-                "CUDA graphs for the language model need a transformers StaticCache that counts its fill on the "
-                "device (transformers >= 5.24); upgrade transformers or call `enable_cuda_graphs(backbone=False)`."
+    def _check_embeds(self, name: str, embeds, mask, num_prompts: int | None) -> int:
+        """Raise unless ``embeds`` is ``[B, L, D]`` for this language model (and ``B = num_prompts`` if given) with a
+        ``[B, L]`` mask or none; returns ``B``."""
+        width = self.language_model.config.hidden_size
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != width or not len(embeds):
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(
+                f"`{name}` must be a tensor [B, L, {width}] as `pipe.encode_prompt` returns it, got {shape}."
             )
+        if num_prompts is not None and embeds.shape[0] != num_prompts:
+            raise ValueError(f"`{name}` has {embeds.shape[0]} rows for {num_prompts} prompts; pass one per prompt.")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2])):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"`{name}_mask` must be a tensor of shape {tuple(embeds.shape[:2])}, got {shape}.")
+        return embeds.shape[0]
 
-        def step(position_ids, attention_mask, inputs_embeds):
-            return self._language_model_step(cache, position_ids, attention_mask, inputs_embeds=inputs_embeds)
-
-        runner = CUDAGraphRunner(step, state=fill_counters)
-
-        def graphed_step(_cache, position_ids, attention_mask, inputs_embeds):
-            """Same call as `_language_model_step` (the graph is bound to ``cache`` already)."""
-            return runner(position_ids, attention_mask, inputs_embeds)
-
-        return graphed_step
-
-    def prefill(
-        self, row_ids: list[list[int]], prefix_ids: list[int], device: torch.device, max_cache_len: int | None = None
-    ):
-        """Run every row's prompt + image prefix as one left-padded batch.
-
-        The prompt part is causal; the ``P`` positions ``[<|res_w|>, <|query_1..P-1|>]`` form the first bidirectional
-        block, whose outputs condition image block 0. With ``max_cache_len`` the KV cache is a preallocated
-        ``StaticCache`` of that many positions (the mask then spans all of them); otherwise a growing ``DynamicCache``.
-
-        Returns:
-            ``(hidden [R, P, D], cache, key_padding [R, L] bool, lengths [R])``.
-        """
-        block_size = self.config.block_size
-        sequences = [ids + prefix_ids for ids in row_ids]
-        lengths = torch.tensor([len(s) for s in sequences], device=device)
-        max_length = max(len(s) for s in sequences)  # from the host lists: no device sync
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad_id] * (max_length - len(s)) + s for s in sequences], device=device)
-        key_padding = torch.arange(max_length, device=device)[None] < (max_length - lengths)[:, None]
-        position_ids = (torch.arange(max_length, device=device)[None] - (max_length - lengths)[:, None]).clamp_min(0)
-        allowed = block_causal_allowed(max_length - block_size, 1, block_size, device=device)[None] & ~key_padding[:, None]
-        if max_cache_len is None:
-            cache = DynamicCache(config=self.language_model.config)
-        else:
-            cache = StaticCache(config=self.language_model.config, max_cache_len=max_cache_len)
-            allowed = torch.cat([allowed, allowed.new_zeros(len(sequences), max_length, max_cache_len - max_length)], 2)
-        mask = additive_mask(allowed, self.language_model.dtype).unsqueeze(1)
-        hidden = self._language_model_step(cache, position_ids, mask, input_ids=input_ids)
-        return hidden, cache, key_padding, lengths
-
-    def _block_feeder(self, cache, key_padding: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
-                      max_cache_len: int | None) -> Callable[[torch.Tensor, int], torch.Tensor]:  # fmt: skip
-        """The ``feed_block`` of `sample_blocks`: embeds a sampled block ``[R, P, C]`` at its positions, runs it through
-        the language model over ``cache`` and returns the head condition of the next block ``[R, P, D]``.
-
-        Args:
-            cache, key_padding, lengths: from `prefill`.
-            positions: ``[num_blocks * P, D]`` float32 sin-cos positions of the image tokens.
-            max_cache_len: the static cache's length, or ``None`` for a growing cache.
-        """
-        block_size = self.config.block_size
-        lm_dtype = self.language_model.dtype
-        block_offsets = torch.arange(block_size, device=lengths.device)
-        num_rows = key_padding.shape[0]
-        # Every cached real token and the whole new block are visible; left padding (and, in a static cache, the
-        # positions not yet written) is not.
-        visible = ~key_padding
-        if max_cache_len is not None:
-            visible = torch.cat([visible, visible.new_zeros(num_rows, max_cache_len - visible.shape[1])], 1)
-        language_model_step = self._language_model_step
-        if self._cuda_graphs:  # implies the static cache (see `enable_cuda_graphs`)
-            language_model_step = self._graphed_language_model_step(cache)
-
-        def feed_block(tokens: torch.Tensor, block: int) -> torch.Tensor:
-            nonlocal visible
-            block_positions = positions[block * block_size : (block + 1) * block_size]
-            embeds = (self.projector(tokens).float() + block_positions).to(lm_dtype)
-            position_ids = lengths[:, None] + block * block_size + block_offsets
-            if max_cache_len is None:
-                visible = torch.cat([visible, visible.new_ones(num_rows, block_size)], 1)
-            else:
-                start = key_padding.shape[1] + block * block_size
-                visible[:, start : start + block_size] = True
-            mask = additive_mask(visible[:, None, None, :], lm_dtype)
-            hidden = language_model_step(cache, position_ids, mask, inputs_embeds=embeds)
-            return hidden.float() + positions[(block + 1) * block_size : (block + 2) * block_size]
-
-        return feed_block
+    def _check_prompt_length(self, height, width, max_sequence_length, *embeds_and_masks):
+        """Prompt and image must fit the language model's positions: refuse what truncation cannot fix."""
+        positions = self.language_model.config.max_position_embeddings
+        free = self.positions_for_prompt(height, width)
+        head, tail = self._template_ids() if self.tokenizer is not None else ([], [])
+        room = free - len(head) - len(tail)
+        if room < 1:
+            raise ValueError(
+                f"A {height}x{width} image leaves no room for a prompt in the language model's {positions} positions; "
+                "choose a smaller size."
+            )
+        if max_sequence_length is not None:
+            if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= room:
+                raise ValueError(
+                    f"`max_sequence_length` must be an integer in [1, {room}] (the language model's {positions} "
+                    f"positions minus the chat template and a {height}x{width} image), got {max_sequence_length!r}."
+                )
+        elif self.tokenizer is not None and self.max_prompt_tokens() < 1:
+            raise ValueError(
+                f"config.image_sizes has a size that leaves no room for a prompt in the language model's {positions} "
+                f"positions, so the default max_sequence_length is undefined; pass max_sequence_length (at most {room} "
+                f"for {height}x{width}) or remove that size from pipe.config.image_sizes."
+            )
+        for name, embeds, mask in (("prompt_embeds", *embeds_and_masks[:2]), ("negative_prompt_embeds",
+                                                                              *embeds_and_masks[2:])):  # fmt: skip
+            if embeds is not None:
+                longest = int(mask.bool().sum(1).max()) if mask is not None else embeds.shape[1]
+                if longest > free:
+                    raise ValueError(
+                        f"`{name}` holds {longest} tokens; with a {height}x{width} image the language model's "
+                        f"{positions} positions leave {free}. Encode a shorter prompt (pipe.encode_prompt truncates "
+                        "with max_sequence_length)."
+                    )
 
     # Generation ----------------------------------------------------------------------------------------------
 
@@ -315,30 +441,45 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDan
         width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
+        guidance_schedule: str | list[float] = "constant",
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int | None = None,
     ):
         r"""
         Generate images from text.
 
         Args:
-            prompt (`str` or `list[str]`): what to draw.
-            negative_prompt (`str` or `list[str]`, *optional*): text of the unconditional branch; by default (and for
-                an empty string) the original's prompt-free template ``<|im_start|>assistant\n``.
+            prompt (`str` or `list[str]`): what to draw (or pass ``prompt_embeds``).
+            negative_prompt (`str` or `list[str]`, *optional*): text of the unconditional branch, one for all prompts
+                or one per prompt; by default (and where blank) the original's prompt-free template
+                ``<|im_start|>assistant\n``.
             height (`int`, *optional*), width (`int`, *optional*): output size; one of ``config.image_sizes``
                 (default 1024x1024 when supported, else the first supported size).
             num_inference_steps (`int`, defaults to 50): flow steps of the head per block (the default scheduler adds
                 one final deterministic step, as the original).
             guidance_scale (`float`, defaults to 7.5): classifier-free guidance on the head's velocity; ``<= 1``
-                disables the unconditional branch.
+                disables the unconditional branch. Live: a callback may change ``pipe._guidance_scale`` for the next
+                blocks; once no later block is guided the unconditional branch leaves the batch (half the cost).
+            guidance_schedule (`str` or `list[float]`, defaults to `"constant"`): ``"constant"`` (the original's)
+                guides every block with ``guidance_scale``; ``"linear"`` ramps it up from 1 at the first block; a list
+                of one weight ``w >= 0`` per block gives each block ``1 + (guidance_scale - 1) * w``.
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator for the batch (the
                 draws then equal the original's global-RNG draws for the same seed), or one per image.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): ``[B, L, D]`` prompt encodings from
+                `encode_prompt`, instead of ``prompt`` / ``negative_prompt``.
+            prompt_embeds_mask, negative_prompt_embeds_mask (`torch.Tensor`, *optional*): their ``[B, L]`` masks (1 =
+                token; default: every position).
             output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the ±1 code grid
                 ``[B, C, h, w]``; 0 in the blocks an interrupt left unsampled).
             return_dict (`bool`, defaults to `True`): return an [`~pipelines.ImagePipelineOutput`].
@@ -349,6 +490,9 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDan
                 blocks sampled so far.
             callback_on_step_end_tensor_inputs (`list[str]`): tensors given to the callback; ``latents`` is the token
                 sequence ``[B, h*w, C]`` in patch-raster order, filled up to the current block (zeros after it).
+            max_sequence_length (`int`, *optional*): the most prompt-text tokens; longer prompts are truncated with a
+                warning. Default: what the language model's positions leave beside the largest supported image
+                (`max_prompt_tokens`); at most what they leave beside this image.
 
         Examples:
 
@@ -359,50 +503,64 @@ class BitDancePipeline(BlockAutoregressiveMixin, BitDancePretrainedMixin, BitDan
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if height is None and width is None:
             height, width = [1024, 1024] if [1024, 1024] in self.config.image_sizes else self.config.image_sizes[0]
-        height = height or width
-        width = width or height
+        height = width if height is None else height
+        width = height if width is None else width
         self.check_inputs(
-            prompt, negative_prompt, height, width, generator, num_images_per_prompt, callback_on_step_end_tensor_inputs
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            num_images_per_prompt,
+            generator,
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            callback_on_step_end_tensor_inputs,
+            max_sequence_length,
         )
-        self._guidance_scale = guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
-        self._cache_argument = _cache_argument_name(self.language_model)
-
-        device = self._execution_device
-        block_size = self.config.block_size
-        num_channels = self.vae.config.z_channels
+        self.check_decoder(output_type)
+        height, width, block_size = int(height), int(width), self.config.block_size
         grid_height, grid_width = height // self.vae_scale_factor, width // self.vae_scale_factor
         num_blocks = grid_height * grid_width // block_size
-        self._num_timesteps = num_blocks
+        self.check_guidance(guidance_scale, guidance_schedule, num_blocks)
+        self.start_guidance(guidance_scale, guidance_schedule, num_blocks)
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
 
-        row_ids = self.encode_prompt(prompt, negative_prompt, self.do_classifier_free_guidance, num_images_per_prompt)
-        num_images = len(row_ids) // (2 if self.do_classifier_free_guidance else 1)
-        prefix_ids = self.image_prefix_ids(height, width)
-        max_cache_len = None
-        if self._static_kv_cache:
-            max_cache_len = max(len(ids) for ids in row_ids) + len(prefix_ids) + (num_blocks - 1) * block_size
-        # Block steps attend to the KV cache without repeating it per query head (see `packed_gqa_attention`).
-        with packed_gqa_attention(self.language_model):
-            hidden, cache, key_padding, lengths = self.prefill(row_ids, prefix_ids, device, max_cache_len)
-            # Fixed 2-D sin-cos position of every image token (float32), added to the head condition and to the
-            # embedding of the same block's tokens when they are fed back.
-            positions = sincos_2d_sequence(grid_height, grid_width, hidden.shape[-1], block_size).to(device)
+        prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt(
+            prompt,
+            negative_prompt,
+            self.do_classifier_free_guidance,
+            num_images_per_prompt,
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            max_sequence_length,
+            device,
+        )
+        # One language-model row per image and branch: the conditional rows, then the unconditional ones.
+        prompt_rows = [embeds[mask.bool()] for embeds, mask in zip(prompt_embeds, prompt_embeds_mask)]
+        if self.do_classifier_free_guidance:
+            negatives = zip(negative_prompt_embeds, negative_prompt_embeds_mask)
+            prompt_rows += [embeds[mask.bool()] for embeds, mask in negatives]
+        with self.block_engine.session(self.language_model, self.projector, block_size):
+            condition = self.block_engine.prefill(
+                prompt_rows, self.image_prefix_ids(height, width), grid_height, grid_width
+            )
             latents = self.sample_blocks(
-                condition=hidden.float() + positions[:block_size],
-                feed_block=self._block_feeder(cache, key_padding, lengths, positions, max_cache_len),
-                num_images=num_images,
-                num_blocks=num_blocks,
-                num_channels=num_channels,
-                guidance_scales=[guidance_scale] * num_blocks,
+                condition=condition,
+                num_images=prompt_embeds.shape[0],
+                num_channels=self.projector.config.in_channels,
                 num_inference_steps=num_inference_steps,
                 generator=generator,
                 attention_kwargs=attention_kwargs,
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )
-        # The KV cache (and a CUDA graph's memory pool) is done with: free it before the decode needs its memory.
-        del cache, hidden
 
         codes = sequence_to_grid(latents, grid_height, grid_width, block_size)
         image = self.decode_codes(codes, output_type, generator)

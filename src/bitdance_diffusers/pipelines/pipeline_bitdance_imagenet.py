@@ -12,7 +12,6 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
-from transformers import DynamicCache
 
 from ..loaders.lora import BitDanceLoraLoaderMixin
 from ..loaders.pretrained import BitDancePretrainedMixin
@@ -20,9 +19,9 @@ from ..models.binary_autoencoder import BitDanceTokenizer
 from ..models.diffusion_head import BitDanceDiffusionHead
 from ..models.imagenet_transformer import BitDanceImageNetTransformer
 from ..models.mlp_head import BitDanceMLPHead
-from ..utils.imagenet_labels import IMAGENET_ID2LABEL
 from ..utils.token_layout import sequence_to_grid
 from .block_sampling import BlockAutoregressiveMixin
+from .engines import DiffusionHeadSampler, ImageNetTransformerBlockEngine
 
 
 EXAMPLE_DOC_STRING = """
@@ -37,8 +36,6 @@ EXAMPLE_DOC_STRING = """
         >>> images = pipe(class_ids, guidance_scale=3.9, generator=torch.Generator().manual_seed(0)).images
         ```
 """
-
-GUIDANCE_SCHEDULES = ("linear", "constant")
 
 
 class BitDanceImageNetPipeline(
@@ -55,8 +52,9 @@ class BitDanceImageNetPipeline(
             ``P = 1``, the transformer head for ``P > 1``).
         vae ([`BitDanceTokenizer`]): binary autoencoder (``ae_d16c32``).
         scheduler ([`BinaryFlowScheduler`] or any diffusers flow scheduler): integrates the head's flow.
-        id2label (`dict[int, str]`, *optional*): class names (comma-separated synonyms) by id; defaults to the
-            ImageNet-1k names when the transformer has 1000 classes.
+        id2label (`dict[int, str]`, *optional*): class names (comma-separated synonyms) by id, as diffusers'
+            `DiTPipeline` takes them; saved in ``model_index.json``. The converter writes the ImageNet-1k names
+            (`conversion.imagenet.imagenet_id2label`).
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -78,8 +76,8 @@ class BitDanceImageNetPipeline(
         self.register_to_config(id2label=id2label)
         self.vae_scale_factor = vae.downsample_factor if vae is not None else 16
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        if id2label is None and transformer is not None and transformer.config.num_classes == len(IMAGENET_ID2LABEL):
-            id2label = IMAGENET_ID2LABEL
+        self.block_engine = ImageNetTransformerBlockEngine()
+        self.head_sampler = DiffusionHeadSampler()
         self._id2label = {int(key): value for key, value in (id2label or {}).items()}
         # name -> id for every comma-separated synonym, as diffusers' DiTPipeline. A name shared by several classes
         # goes to the class it is the first name of, if that is a single one ("harp" -> 594, not "harmonica, ...,
@@ -98,6 +96,12 @@ class BitDanceImageNetPipeline(
             else:
                 self._ambiguous_labels[name] = sorted(ids)
 
+    @property
+    def num_blocks(self) -> int:
+        """Autoregressive blocks of an image: ``sample_size**2 / block_size``."""
+        config = self.transformer.config
+        return config.sample_size**2 // config.block_size
+
     # Labels ----------------------------------------------------------------------------------------------------
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
@@ -108,7 +112,11 @@ class BitDanceImageNetPipeline(
         """
         labels = [label] if isinstance(label, str) else list(label)
         if not self.labels:
-            raise ValueError("This pipeline has no label names (no id2label); pass integer class ids instead.")
+            raise ValueError(
+                "This pipeline has no label names (no id2label in its model_index.json); pass integer class ids, or "
+                "load it with names: from_pretrained(folder, id2label=imagenet_id2label()) with `from "
+                "bitdance_diffusers.conversion.imagenet import imagenet_id2label` for the ImageNet-1k classes."
+            )
         return [self._label_id(name) for name in labels]
 
     def _label_id(self, label: str) -> int:
@@ -132,11 +140,13 @@ class BitDanceImageNetPipeline(
             f"0..{self.transformer.config.num_classes - 1} work too."
         )
 
-    def resolve_class_labels(self, class_labels: int | str | list[int | str] | torch.Tensor | np.ndarray) -> list[int]:
-        """Class ids of ``class_labels`` (ids and/or label names), checked against the model's class count."""
-        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
-            class_labels = class_labels.reshape(-1).tolist()
-        items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
+    def resolve_class_labels(self, class_labels: int | str | list | torch.Tensor | np.ndarray) -> list[int]:
+        """Class ids of ``class_labels``, checked against the model's class count.
+
+        Accepts what diffusers' `DiTPipeline` accepts (an int, a list, nested lists such as ``[[1], [2]]``, a tensor or
+        array of any shape: flattened in order) and label names anywhere among them (see `get_label_ids`).
+        """
+        items = self._flatten_labels(class_labels)
         if not items:
             raise ValueError("`class_labels` is empty; pass at least one class id or label name.")
         ids = []
@@ -156,15 +166,24 @@ class BitDanceImageNetPipeline(
             )
         return ids
 
+    @classmethod
+    def _flatten_labels(cls, labels) -> list:
+        """Every entry of ``labels`` in order, through nested lists, tuples, tensors and arrays."""
+        if isinstance(labels, (torch.Tensor, np.ndarray)):
+            return labels.reshape(-1).tolist()
+        if isinstance(labels, (list, tuple)):
+            return [item for entry in labels for item in cls._flatten_labels(entry)]
+        return [labels]
+
     def check_inputs(
-        self, guidance_schedule, num_inference_steps, num_images_per_label, generator, num_images, callback_inputs
-    ):
+        self, guidance_scale, guidance_schedule, num_inference_steps, num_images_per_label, generator, num_images,
+        callback_inputs,
+    ):  # fmt: skip
         if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
             raise ValueError(f"`num_images_per_label` must be a positive integer, got {num_images_per_label!r}.")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        self.check_guidance(guidance_scale, guidance_schedule, self.num_blocks)
         self.check_generator_type(generator)
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(
@@ -175,27 +194,15 @@ class BitDanceImageNetPipeline(
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}.")
         self.check_scheduler()
 
-    def guidance_scales(self, guidance_scale: float, num_blocks: int, schedule: str) -> list[float]:
-        """CFG scale of every block.
-
-        ``"linear"`` is the original's schedule ``1 + (guidance_scale - 1) * block / num_blocks``: exactly 1.0 at the
-        first block, which the original then samples *without* guidance on the full conditional + unconditional
-        batch, so the two branches draw separate noise and get different first tokens (reproduced by
-        `BlockAutoregressiveMixin.sample_blocks`). ``"constant"`` uses ``guidance_scale`` for every block.
-        """
-        if schedule == "constant":
-            return [guidance_scale] * num_blocks
-        return [1 + (guidance_scale - 1) * block / num_blocks for block in range(num_blocks)]
-
     # Generation ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        class_labels: int | str | list[int | str],
+        class_labels: int | str | list | torch.Tensor,
         guidance_scale: float = 4.0,
-        guidance_schedule: str = "linear",
+        guidance_schedule: str | list[float] = "linear",
         num_inference_steps: int = 100,
         num_images_per_label: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -209,14 +216,17 @@ class BitDanceImageNetPipeline(
         Generate images of ImageNet classes.
 
         Args:
-            class_labels (`int`, `str` or `list`): class ids in ``[0, num_classes - 1]`` and/or label names (see
-                `get_label_ids`).
+            class_labels (`int`, `str`, `list` or `torch.Tensor`): class ids in ``[0, num_classes - 1]`` and/or label
+                names (see `get_label_ids`); nested lists and tensors are flattened, as in diffusers' `DiTPipeline`.
             guidance_scale (`float`, defaults to 4.0): classifier-free guidance on the head's velocity; ``<= 1``
                 disables the unconditional branch. The original's tuned values: B-1x 3.2, B-4x 3.9, B-16x 6.1,
-                L-1x 4.0, H-1x 4.55.
-            guidance_schedule (`str`, defaults to `"linear"`): ``"linear"`` ramps the scale from 1 at the first block
-                to ``guidance_scale`` as the original does (see `guidance_scales`); ``"constant"`` guides every block
-                with ``guidance_scale`` (not the original's behaviour).
+                L-1x 4.0, H-1x 4.55. Live: a callback may change ``pipe._guidance_scale`` for the next blocks (the
+                schedule then ramps to the new value); once no later block is guided the unconditional branch leaves
+                the batch (half the cost).
+            guidance_schedule (`str` or `list[float]`, defaults to `"linear"`): ``"linear"`` ramps the scale from 1
+                at the first block to ``guidance_scale`` as the original does (see `guidance_scale_at`);
+                ``"constant"`` guides every block with ``guidance_scale`` (not the original's behaviour); a list of
+                one weight ``w >= 0`` per block gives each block ``1 + (guidance_scale - 1) * w``.
             num_inference_steps (`int`, defaults to 100): flow steps of the head per block (the default scheduler adds
                 one final deterministic step, as the original).
             num_images_per_label (`int`, defaults to 1): images per class label.
@@ -243,6 +253,7 @@ class BitDanceImageNetPipeline(
         class_ids = self.resolve_class_labels(class_labels)
         num_images = len(class_ids) * num_images_per_label
         self.check_inputs(
+            guidance_scale,
             guidance_schedule,
             num_inference_steps,
             num_images_per_label,
@@ -250,40 +261,30 @@ class BitDanceImageNetPipeline(
             num_images,
             callback_on_step_end_tensor_inputs,
         )
-        self._guidance_scale = guidance_scale
-        self._interrupt = False
-
-        device = self._execution_device
+        self.check_decoder(output_type)
         config = self.transformer.config
-        block_size = config.block_size
-        num_blocks = config.sample_size**2 // block_size
-        self._num_timesteps = num_blocks
+        self.start_guidance(guidance_scale, guidance_schedule, self.num_blocks)
+        self._interrupt = False
+        device = self._execution_device
 
         labels = torch.tensor(class_ids, device=device).repeat_interleave(num_images_per_label)
         if self.do_classifier_free_guidance:
             # Conditional rows first, then one null-class row per image: one batched forward per block.
             labels = torch.cat([labels, torch.full_like(labels, config.num_classes)])
-        cache = DynamicCache()
-        condition = self.transformer(class_labels=labels, past_key_values=cache).sample
+        with self.block_engine.session(self.transformer):
+            condition = self.block_engine.prefill(labels)
+            latents = self.sample_blocks(
+                condition=condition,
+                num_images=num_images,
+                num_channels=config.in_channels,
+                num_inference_steps=num_inference_steps,
+                generator=generator,
+                attention_kwargs=attention_kwargs,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
 
-        def feed_block(tokens: torch.Tensor, block: int) -> torch.Tensor:
-            return self.transformer(tokens=tokens, past_key_values=cache).sample
-
-        latents = self.sample_blocks(
-            condition=condition,
-            feed_block=feed_block,
-            num_images=num_images,
-            num_blocks=num_blocks,
-            num_channels=config.in_channels,
-            guidance_scales=self.guidance_scales(guidance_scale, num_blocks, guidance_schedule),
-            num_inference_steps=num_inference_steps,
-            generator=generator,
-            attention_kwargs=attention_kwargs,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-
-        codes = sequence_to_grid(latents, config.sample_size, config.sample_size, block_size)
+        codes = sequence_to_grid(latents, config.sample_size, config.sample_size, config.block_size)
         image = self.decode_codes(codes, output_type, generator)
 
         self.maybe_free_model_hooks()

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
 from ..models import BitDanceDiffusionHead, BitDanceProjector, BitDanceTokenizer
 from ..pipelines import BitDancePipeline
-from ..random_pipeline import SPECIAL_TOKENS
+from ..special_tokens import SPECIAL_TOKENS
 from ..schedulers import BinaryFlowScheduler
 from .shapes import ShapesDataset
 from .shapes_detector import detect_shape

@@ -2,7 +2,7 @@
 
 One teacher-forced forward of the language model sees, per row, ``[prompt, <|vision_start|>, <|res_h|>]`` causally,
 then the prefix block ``[<|res_w|>, <|query_1..P-1|>]`` and the image blocks ``0 .. n-2`` as bidirectional blocks
-(the block-causal mask of `utils.attention_masks`, the same one the cached inference builds step by step). The hidden
+(the block-causal mask of `models.attention_masks`, the same one the cached inference builds step by step). The hidden
 states of block ``j`` plus the 2-D sin-cos position of image block ``j`` condition the diffusion head, which learns
 block ``j`` with the flow objective: ``t ~ sigmoid(N(mean, std))``, ``z = (1 - t) noise + t x``, loss
 ``|v - v_hat|^2`` with ``v = (x - z) / max(1 - t, 0.05)`` and ``v_hat`` from the head's x-prediction.
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ..models.embeddings import sincos_2d_sequence
-from ..pipelines.block_sampling import x_prediction_to_velocity
-from ..pipelines.pipeline_bitdance import UNCONDITIONAL_PROMPT, BitDancePipeline
-from ..utils.attention_masks import left_padded_block_causal
+from ..pipelines.engines import x_prediction_to_velocity
+from ..pipelines.pipeline_bitdance import BitDancePipeline
+from ..models.attention_masks import left_padded_block_causal
 from ..utils.token_layout import grid_to_sequence
 
 
@@ -49,7 +49,7 @@ def flow_matching_loss(
     t_tokens = t.view(-1, 1, 1)
     noisy = (1 - t_tokens) * noise + t_tokens * tokens
     target = x_prediction_to_velocity(tokens, noisy, t_tokens)
-    predicted = x_prediction_to_velocity(head(noisy, t, condition), noisy, t_tokens)
+    predicted = x_prediction_to_velocity(head(noisy, t, condition, return_dict=False)[0], noisy, t_tokens)
     return (predicted - target).pow(2).mean()
 
 
@@ -60,7 +60,7 @@ def teacher_forced_conditions(
 
     Args:
         pipe: supplies the tokenizer, language model, projector and block size.
-        row_ids: prompt token ids per row (as `BitDancePipeline.encode_prompt` builds them).
+        row_ids: prompt token ids per row (as `BitDancePipeline.tokenize_prompt` builds them).
         codes: ±1 grids ``[B, C, h, w]`` (the image of each row).
         input_tokens: the tokens fed to the language model ``[B, h*w, C]`` (e.g. with flipped bits); default: ``codes``.
 
@@ -79,7 +79,8 @@ def teacher_forced_conditions(
     hidden_size = embed_tokens.embedding_dim
     positions = sincos_2d_sequence(grid_height, grid_width, hidden_size, block_size).to(device)
     fed_back = (num_blocks - 1) * block_size  # the last block conditions nothing
-    image_embeds = (pipe.projector(tokens[:, :fed_back]).float() + positions[:fed_back]).to(lm_dtype)
+    projected = pipe.projector(tokens[:, :fed_back], return_dict=False)[0]
+    image_embeds = (projected.float() + positions[:fed_back]).to(lm_dtype)
 
     causal_lengths = torch.tensor([len(ids) + len(prefix) - block_size for ids in row_ids], device=device)
     mask, position_ids, _ = left_padded_block_causal(causal_lengths, num_blocks, block_size, lm_dtype)
@@ -103,10 +104,8 @@ def t2i_training_loss(
 ) -> torch.Tensor:
     """The generator's training loss on ``codes [B, C, h, w]`` with their ``captions``."""
     drop = torch.rand(len(captions), generator=generator, device=codes.device) < config.text_dropout
-    unconditional = pipe.tokenizer.encode(UNCONDITIONAL_PROMPT)
-    row_ids = [
-        unconditional if dropped else pipe.encode_prompt(caption, None, False)[0] for caption, dropped in zip(captions, drop)
-    ]
+    # A dropped caption reads the prompt-free template of the unconditional branch.
+    row_ids = pipe.tokenize_prompt([None if dropped else caption for caption, dropped in zip(captions, drop)])
     targets = grid_to_sequence(codes, pipe.config.block_size)
     inputs = flip_bits(targets, config.bit_flip_max, generator)
     conditions = teacher_forced_conditions(pipe, row_ids, codes, inputs)

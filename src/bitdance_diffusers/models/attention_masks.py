@@ -8,17 +8,21 @@ shape ``[B, 1, q_len, kv_len]``: that is the only 4-D form every attention kerne
 import torch
 
 
-def block_causal_allowed(num_causal: int, num_blocks: int, block_size: int, device=None) -> torch.Tensor:
+def block_causal_allowed(
+    num_causal: int, num_blocks: int, block_size: int, device=None, queries: slice = slice(None)
+) -> torch.Tensor:
     """Boolean ``[L, L]`` (True = attend) for ``num_causal`` causal tokens then ``num_blocks`` blocks of ``block_size``.
 
     Position ``i >= num_causal`` belongs to block ``(i - num_causal) // block_size`` and sees every position up to the
-    end of its block; earlier positions see up to themselves.
+    end of its block; earlier positions see up to themselves. ``queries`` selects rows (``[q, L]``, for a prefill in
+    chunks) without building the others.
     """
     length = num_causal + num_blocks * block_size
-    index = torch.arange(length, device=device)
+    keys = torch.arange(length, device=device)
+    index = keys[queries]
     block_end = num_causal + ((index - num_causal) // block_size + 1) * block_size - 1
     last_visible = torch.where(index < num_causal, index, block_end)
-    return index[None, :] <= last_visible[:, None]
+    return keys[None, :] <= last_visible[:, None]
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
