@@ -26,9 +26,12 @@ setup(
     ],
     extras_require={
         # torchao: tested 0.17, 0.18; peft: tested 0.21
-        "test": ["pytest>=8.0", "torchao>=0.17,<0.19", "bitsandbytes>=0.48", "peft>=0.15"],
+        "test": ["pytest>=8.0", "torchao>=0.17,<0.19", "bitsandbytes>=0.48", "peft>=0.15", "datasets>=3.0",
+                 "tensorboard>=2.15"],
         "quantization": ["torchao>=0.17", "bitsandbytes>=0.45"],
         "lora": ["peft>=0.15"],
+        # The training examples: datasets (image folders, Hub datasets), TensorBoard logs, LoRA; tested: datasets 5.2.
+        "training": ["datasets>=3.0", "tensorboard>=2.15", "peft>=0.15"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["bitdance=bitdance_diffusers.cli:main"]},

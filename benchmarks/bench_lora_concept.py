@@ -19,8 +19,8 @@ from bench_utils import append_rows
 
 from bitdance_diffusers import BitDancePipeline
 from bitdance_diffusers.pretrained import DEMO_MODEL_PATH
-from bitdance_diffusers.training import ShapesDataset, TrainingConfig, train_text_to_image
-from bitdance_diffusers.training.demo import HELD_OUT_SEED, EncodedDataset, score_held_out_prompts
+from bitdance_diffusers.training import EncodedDataset, ShapesDataset, TrainingConfig, train_text_to_image
+from bitdance_diffusers.training.demo import HELD_OUT_SEED, score_held_out_prompts
 from bitdance_diffusers.training.shapes import COLORS
 from bitdance_diffusers.training.shapes_detector import detect_shape
 
@@ -84,9 +84,9 @@ def main():
     dataset = EncodedDataset(codes.to(torch.int8), captions)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
-        config = TrainingConfig(output_dir=output_dir, max_steps=args.steps, batch_size=args.batch_size,
-                                learning_rate=args.learning_rate, warmup_steps=20,
-                                checkpoint_every=args.steps)  # fmt: skip
+        config = TrainingConfig(output_dir=output_dir, max_train_steps=args.steps, train_batch_size=args.batch_size,
+                                learning_rate=args.learning_rate, lr_warmup_steps=20, adam_epsilon=1e-8,
+                                checkpointing_steps=args.steps)  # fmt: skip
         losses = train_text_to_image(pipe, dataset, config, lora_rank=args.rank)
     training_seconds = time.perf_counter() - started
     after = measure()
