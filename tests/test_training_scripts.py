@@ -200,7 +200,7 @@ def test_fsdp2_over_two_cpu_processes_matches_one_process_and_resumes_exactly(tm
                                               str(tmp_path / "single")])  # fmt: skip
     fsdp, single = logged_losses(tmp_path / "fsdp"), logged_losses(tmp_path / "single")
     assert sorted(fsdp) == [1, 2, 3, 4] and fsdp == pytest.approx(single, rel=1e-4)
-    shards = sorted(path.name for path in (tmp_path / "fsdp" / "checkpoint-2" / "pytorch_model_fsdp_0").iterdir())
+    shards = sorted(path.name for path in (tmp_path / "fsdp" / "checkpoint-2" / "pytorch_model_fsdp_0").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each process wrote its shard
     assert json.loads((tmp_path / "fsdp" / "checkpoint-2" / "training_state.json").read_text())["global_step"] == 2
     assert (tmp_path / "fsdp" / "validation" / "step-4.png").is_file()

@@ -150,7 +150,8 @@ def create_accelerator(config: TrainingConfig) -> Accelerator:
     if fsdp_plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         if fsdp_plugin.fsdp_version != 2:
             raise ValueError("On CPU processes only FSDP2 runs (fsdp_version: 2 in the accelerate config).")
-        fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
+        if accelerator.mixed_precision != "no":  # (as accelerate does for its FSDP processes)
+            fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
         accelerator.state.fsdp_plugin = fsdp_plugin
         accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     launched = int(os.environ.get("WORLD_SIZE", "1"))
