@@ -212,3 +212,20 @@ def test_fsdp2_over_two_cpu_processes_matches_one_process_and_resumes_exactly(tm
         whole, again = (BitDancePipeline.from_pretrained(tmp_path / run / name) for run in ("fsdp", "resumed"))
         for (key, tensor), other in zip(whole.diffusion_head.state_dict().items(), again.diffusion_head.state_dict().values()):
             assert torch.equal(tensor, other), (name, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", [["--num_gpus", "2", "--use_ema"],
+                                     ["--lora_rank", "4", "--quantize", "nf4", "--gradient_checkpointing"]],
+                         ids=["fsdp", "lora-nf4"])  # fmt: skip
+def test_training_memory_estimate_prints_its_table(tmp_path, setting):
+    rows = tmp_path / "rows.jsonl"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "estimate_training_memory.py"), "--config",
+                             "tiny", "--height", "64", "--width", "64", *setting, "--json", str(rows)],
+                            capture_output=True, text=True, cwd=REPO / "benchmarks")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(rows.read_text())
+    kinds = {kind.lower(): size for kind, size in row["by_kind_gib"].items()}
+    assert row["peak_gib"] > 0 and kinds["activation"] > 0 and kinds["optstate"] > 0
+    assert ("sharded param" in kinds) == (setting[0] == "--num_gpus")  # FSDP2 counts shards; one GPU, parameters
+    assert "peak of a training step per GPU" in result.stdout
