@@ -29,10 +29,12 @@ setup(
         # torchao: tested 0.17, 0.18; peft: tested 0.21; gradio: tested 6.31; selenium: tested 4.51 (it drives the
         # system's chromium for the demo's browser tests: apt-get install chromium chromium-driver)
         "test": ["pytest>=8.0", "torchao>=0.17,<0.19", "bitsandbytes>=0.48", "peft>=0.15", "gradio>=6.0,<7",
-                 "selenium>=4.20"],
+                 "selenium>=4.20", "datasets>=3.0", "tensorboard>=2.15"],
         "demo": ["gradio>=6.0,<7"],
         "quantization": ["torchao>=0.17", "bitsandbytes>=0.45"],
         "lora": ["peft>=0.15"],
+        # The training examples: datasets (image folders, Hub datasets), TensorBoard logs, LoRA; tested: datasets 5.2.
+        "training": ["datasets>=3.0", "tensorboard>=2.15", "peft>=0.15"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["bitdance=bitdance_diffusers.cli:main"]},

@@ -19,8 +19,8 @@ from bench_utils import append_rows
 
 from bitdance_diffusers import BitDancePipeline
 from bitdance_diffusers.pretrained import DEMO_MODEL_PATH
-from bitdance_diffusers.training import ShapesDataset, TrainingConfig, train_text_to_image
-from bitdance_diffusers.training.demo import HELD_OUT_SEED, EncodedDataset, score_held_out_prompts
+from bitdance_diffusers.training import EncodedDataset, ShapesDataset, TrainingConfig, train_text_to_image
+from bitdance_diffusers.training.demo import HELD_OUT_SEED, score_held_out_prompts
 from bitdance_diffusers.training.shapes import COLORS
 from bitdance_diffusers.training.shapes_detector import detect_shape
 
@@ -84,15 +84,16 @@ def main():
     dataset = EncodedDataset(codes.to(torch.int8), captions)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
-        config = TrainingConfig(output_dir=output_dir, max_steps=args.steps, batch_size=args.batch_size,
-                                learning_rate=args.learning_rate, warmup_steps=20,
-                                checkpoint_every=args.steps)  # fmt: skip
+        batch_size = min(args.batch_size, len(dataset))  # a batch holds distinct scenes
+        config = TrainingConfig(output_dir=output_dir, max_train_steps=args.steps, train_batch_size=batch_size,
+                                learning_rate=args.learning_rate, lr_warmup_steps=20, adam_epsilon=1e-8,
+                                checkpointing_steps=args.steps)  # fmt: skip
         losses = train_text_to_image(pipe, dataset, config, lora_rank=args.rank)
     training_seconds = time.perf_counter() - started
     after = measure()
 
     first, last = losses[:20], losses[-20:]
-    print(f"LoRA rank {args.rank}, {args.steps} steps x {args.batch_size} ({args.num_train} scenes of '{args.word}' = "
+    print(f"LoRA rank {args.rank}, {args.steps} steps x {batch_size} ({args.num_train} scenes of '{args.word}' = "
           f"{args.color}, {args.num_regular} ordinary), {training_seconds:.0f} s; mean loss of the first and last "
           f"20 steps {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f}")
     print(f"{'held-out score':<32}{'before':>8}{'after':>8}")
@@ -102,7 +103,7 @@ def main():
     if args.json:
         row = {"benchmark": "lora_concept", "word": args.word, "color": args.color, "rank": args.rank,
                "num_train": args.num_train, "num_regular": args.num_regular, "steps": args.steps,
-               "batch_size": args.batch_size, "training_seconds": training_seconds, "before": before, "after": after}
+               "batch_size": batch_size, "training_seconds": training_seconds, "before": before, "after": after}
         append_rows(args.json, [row], torch.device("cpu"))
 
 

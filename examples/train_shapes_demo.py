@@ -49,9 +49,9 @@ def main():
         """One training stage of the recipe; ``None`` when it has no steps."""
         if not steps:
             return None
-        return TrainingConfig(output_dir=args.output_dir, max_steps=steps, batch_size=batch_size,
-                              learning_rate=learning_rate, warmup_steps=warmup_steps, lr_schedule="cosine",
-                              checkpoint_every=args.checkpoint_every, seed=args.seed)  # fmt: skip
+        return TrainingConfig(output_dir=args.output_dir, max_train_steps=steps, train_batch_size=batch_size,
+                              learning_rate=learning_rate, lr_warmup_steps=warmup_steps, lr_scheduler="cosine",
+                              adam_epsilon=1e-8, checkpointing_steps=args.checkpoint_every, seed=args.seed)  # fmt: skip
 
     objective = dict(reconstruction=args.tokenizer_loss, foreground_weight=args.foreground_weight)
     train_shapes_demo(

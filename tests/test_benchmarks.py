@@ -168,7 +168,7 @@ def test_lora_concept_benchmark_prints_before_and_after(tmp_path):
         "bench_lora_concept.py", "--steps", "2", "--num_train", "4", "--num_regular", "4", "--num_prompts", "2",
         "--inference_steps", "1", "--json", str(results),
     )
-    assert "LoRA rank 8, 2 steps x 16 (4 scenes of 'crimson' = red, 4 ordinary)" in output
+    assert "LoRA rank 8, 2 steps x 8 (4 scenes of 'crimson' = red, 4 ordinary)" in output  # batch <= the 8 scenes
     assert "'crimson' drawn red" in output and "ordinary prompts: shape" in output
     row = json.loads(results.read_text())
     assert set(row["before"]) == set(row["after"]) == {"new_word_color", "color", "position", "background", "shape"}

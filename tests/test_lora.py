@@ -1,6 +1,6 @@
-"""LoRA adapters: diffusers' LoRA file format, load / fuse / switch / unload on both pipelines, LoRA training."""
+"""LoRA adapters: diffusers' LoRA file format, load / fuse / switch / unload on both pipelines (LoRA training:
+test_training_lora.py)."""
 
-import json
 import subprocess
 import sys
 import warnings
@@ -15,14 +15,8 @@ from safetensors import safe_open
 from bitdance_diffusers import BitDanceImageNetPipeline, BitDancePipeline
 from bitdance_diffusers.loaders import adapter_state_and_config, add_lora_adapter
 from bitdance_diffusers.random_pipeline import build_random_imagenet_pipeline, build_random_pipeline
-from bitdance_diffusers.training import (
-    LORA_TARGET_MODULES,
-    ImageCaptionFolder,
-    ShapesDataset,
-    TrainingConfig,
-    train_text_to_image,
-)
-from conftest import REPO, generator, offline_hub_cache
+from bitdance_diffusers.training import LORA_TARGET_MODULES
+from conftest import generator, offline_hub_cache
 from cuda_graph_stub import eager_graphs  # noqa: F401 (fixture)
 
 
@@ -345,33 +339,6 @@ def test_class_conditional_pipeline_adapts_transformer_and_head(tmp_path):
     assert type(loaded) is BitDanceImageNetPipeline and torch.equal(sample(loaded), adapted)
 
 
-def test_lora_training_trains_only_the_adapters_and_saves_a_lora_file(tmp_path):
-    dataset = ShapesDataset(2, resolution=64, seed=2)
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=4, batch_size=2, learning_rate=1e-2, warmup_steps=1)
-    pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
-    pipe.set_progress_bar_config(disable=True)
-    base_weights = {name: tensor.clone() for name, tensor in pipe.diffusion_head.state_dict().items()}
-    train_text_to_image(pipe, dataset, config, lora_rank=2)
-
-    head_state = pipe.diffusion_head.state_dict()
-    for name, tensor in head_state.items():
-        if "lora_" not in name:
-            assert torch.equal(tensor, base_weights[name.replace(".base_layer", "")]), name
-    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in head_state.items())
-
-    def sample(pipe):
-        return pipe("a red circle", height=64, width=64, num_inference_steps=2, generator=generator(0),
-                    output_type="latent").images  # fmt: skip
-
-    loaded = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
-    loaded.set_progress_bar_config(disable=True)
-    loaded.load_lora_weights(tmp_path / "final")
-    assert loaded.get_list_adapters() == {"language_model": ["default_0"], "diffusion_head": ["default_0"]}
-    assert torch.equal(sample(loaded), sample(pipe))
-    with pytest.raises(ValueError, match="positive integer"):
-        train_text_to_image(build_random_pipeline("tiny"), dataset, config, lora_rank=0)
-
-
 def test_command_line_applies_lora_files(tmp_path, capsys):
     from bitdance_diffusers import cli
 
@@ -392,119 +359,3 @@ def test_command_line_applies_lora_files(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate("--lora", str(tmp_path / "lora"), "--lora_scale", "1", "0.5")
     assert "one per file" in capsys.readouterr().err
-
-
-def test_lora_training_resumes_exactly(tmp_path):
-    dataset = ShapesDataset(2, resolution=64, seed=2)
-
-    def train(output_dir, max_steps):
-        pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
-        config = TrainingConfig(output_dir=str(output_dir), max_steps=max_steps, batch_size=2, learning_rate=1e-2,
-                                warmup_steps=1, checkpoint_every=2)  # fmt: skip
-        return train_text_to_image(pipe, dataset, config, lora_rank=2)
-
-    whole = train(tmp_path / "whole", 4)
-    train(tmp_path / "split", 2)
-    resumed = train(tmp_path / "split", 4)  # a fresh pipeline resumes from checkpoint-2
-    assert resumed == whole[2:]
-    with safe_open(str(tmp_path / "whole" / "final" / "pytorch_lora_weights.safetensors"), "pt") as a:
-        with safe_open(str(tmp_path / "split" / "final" / "pytorch_lora_weights.safetensors"), "pt") as b:
-            assert set(a.keys()) == set(b.keys())
-            assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
-
-
-@pytest.mark.parametrize("lora_rank", [None, 2], ids=["full", "lora"])
-def test_gradient_checkpointing_trains_the_same(tmp_path, lora_rank):
-    """Recomputing activations changes memory, not results: same losses and weights as without it."""
-    dataset = ShapesDataset(2, resolution=64, seed=2)
-    pipes, layer_calls = {}, {}
-    for checkpointing in (False, True):
-        pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
-        calls = layer_calls[checkpointing] = []
-        # Modules inside a checkpointed layer (transformers keeps the layer's own hooks outside the checkpoint).
-        for inner in (pipe.language_model.layers[0].mlp, pipe.diffusion_head.res_blocks[0].attn):
-            inner.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(type(module).__name__))
-        config = TrainingConfig(output_dir=str(tmp_path / str(checkpointing)), max_steps=3, batch_size=2,
-                                learning_rate=1e-2, warmup_steps=1, gradient_checkpointing=checkpointing)  # fmt: skip
-        pipes[checkpointing] = (pipe, train_text_to_image(pipe, dataset, config, lora_rank=lora_rank))
-    (plain, plain_losses), (checkpointed, checkpointed_losses) = pipes[False], pipes[True]
-    # Each checkpointed layer runs twice per step: in the forward pass and again in the backward pass.
-    assert sorted(layer_calls[True]) == sorted(layer_calls[False] * 2)
-    assert checkpointed_losses == plain_losses and len(set(plain_losses)) == 3
-    for name in ("language_model", "diffusion_head"):
-        trained = getattr(plain, name).state_dict()
-        for key, tensor in getattr(checkpointed, name).state_dict().items():
-            assert torch.equal(tensor, trained[key]), key
-
-
-def write_image_folder(folder, layout):
-    folder.mkdir()
-    captions = {"red.png": "a red square", "blue.jpg": "a blue square"}
-    for index, (name, caption) in enumerate(captions.items()):
-        pixels = np.zeros((40, 80, 3), dtype=np.uint8)
-        pixels[..., 0 if index == 0 else 2] = 255
-        pixels[:, :8] = 255  # a white band on the left edge, which the centre crop cuts away
-        Image.fromarray(pixels).save(folder / name)
-        if layout == "txt":
-            (folder / name).with_suffix(".txt").write_text(caption + "\n")
-    if layout == "metadata":
-        lines = [json.dumps({"file_name": name, "text": caption}) for name, caption in captions.items()]
-        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return captions
-
-
-@pytest.mark.parametrize("layout", ["metadata", "txt"])
-def test_image_caption_folder_reads_both_layouts(tmp_path, layout):
-    captions = write_image_folder(tmp_path / "images", layout)
-    dataset = ImageCaptionFolder(tmp_path / "images", 32)
-    assert len(dataset) == 2
-    items = {item["caption"]: item["pixel_values"] for item in dataset}
-    assert set(items) == set(captions.values())
-    red = items["a red square"]
-    assert red.shape == (3, 32, 32) and red.dtype == torch.float32
-    # Scaled to cover 32x32 (64x32), then centre-cropped: pure red, the white band is gone.
-    assert torch.allclose(red[0], torch.ones(32, 32), atol=0.02)
-    assert torch.allclose(red[1:], -torch.ones(2, 32, 32), atol=0.02)
-
-
-def test_image_caption_folder_names_what_is_wrong(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        ImageCaptionFolder(tmp_path / "missing", 32)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no images"):
-        ImageCaptionFolder(tmp_path / "empty", 32)
-    write_image_folder(tmp_path / "uncaptioned", "none")
-    with pytest.raises(FileNotFoundError, match=r"No caption for \['blue.jpg', 'red.png'\]"):
-        ImageCaptionFolder(tmp_path / "uncaptioned", 32)
-    write_image_folder(tmp_path / "meta", "metadata")
-    (tmp_path / "meta" / "red.png").unlink()
-    with pytest.raises(FileNotFoundError, match="names images that are not there"):
-        ImageCaptionFolder(tmp_path / "meta", 32)
-    (tmp_path / "meta" / "metadata.jsonl").write_text(json.dumps({"image": "blue.jpg"}))
-    with pytest.raises(ValueError, match="line 1: each line needs 'file_name' and 'text'"):
-        ImageCaptionFolder(tmp_path / "meta", 32)
-    (tmp_path / "meta" / "metadata.jsonl").write_text('{"file_name": "blue.jpg", "text": "a blue square"}\n{oops\n')
-    with pytest.raises(ValueError, match="line 2 is not JSON"):
-        ImageCaptionFolder(tmp_path / "meta", 32)
-    write_image_folder(tmp_path / "broken", "txt")
-    (tmp_path / "broken" / "red.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="Cannot read the image"):
-        ImageCaptionFolder(tmp_path / "broken", 32)[1]
-
-
-def test_lora_example_trains_on_a_folder_and_resumes(tmp_path):
-    pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
-    pipe.save_pretrained(tmp_path / "model")
-    write_image_folder(tmp_path / "images", "txt")
-    command = [sys.executable, str(REPO / "examples" / "train_lora.py"), "--model", str(tmp_path / "model"),
-               "--data_dir", str(tmp_path / "images"), "--output_dir", str(tmp_path / "run"), "--rank", "2",
-               "--steps", "2", "--warmup_steps", "1", "--checkpoint_every", "1", "--gradient_checkpointing"]  # fmt: skip
-    first = subprocess.run(command, capture_output=True, text=True, check=True)
-    assert "2 steps" in first.stdout
-    loaded = fresh_pipe()
-    loaded.load_lora_weights(tmp_path / "run" / "final")
-    assert loaded.get_list_adapters() == {"language_model": ["default_0"], "diffusion_head": ["default_0"]}
-    again = subprocess.run(command, capture_output=True, text=True, check=True)
-    assert "nothing left to train" in again.stdout
-    wrong_size = subprocess.run(command + ["--height", "128"], capture_output=True, text=True)
-    assert wrong_size.returncode == 2 and "128x128 is not a size of this model" in wrong_size.stderr

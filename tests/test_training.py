@@ -1,4 +1,5 @@
-"""Training: the teacher-forced mask equals cached inference, losses decrease, resume is bit-exact, shapes data."""
+"""Training: the teacher-forced mask equals cached inference, losses decrease, resume is bit-exact (EMA included),
+gradient accumulation equals a larger batch, shapes data."""
 
 import numpy as np
 import pytest
@@ -24,7 +25,6 @@ from bitdance_diffusers.training import (
 )
 from bitdance_diffusers.training.demo import DemoConfig, train_shapes_demo
 from bitdance_diffusers.training.tokenizer_objective import foreground_weights, pixel_differences
-from bitdance_diffusers.training.trainer import _lr_factor
 from bitdance_diffusers.training.shapes import SHAPES, draw_shape, render_scene, unit_area
 from bitdance_diffusers.training.shapes_detector import detect_shape, read_shape
 from bitdance_diffusers.utils.token_layout import grid_to_sequence
@@ -65,17 +65,18 @@ def tiny_vae():
 def test_tokenizer_training_reduces_loss_and_resumes_exactly(tmp_path, gan_weight):
     dataset = ShapesDataset(4, resolution=64, seed=1)
     objective = TokenizerObjectiveConfig(gan_weight=gan_weight, discriminator_channels=8, discriminator_layers=2)
-    config = TrainingConfig(output_dir=str(tmp_path / "a"), max_steps=12, batch_size=4, learning_rate=3e-3,
-                            warmup_steps=1, checkpoint_every=6)  # fmt: skip
+    config = TrainingConfig(output_dir=str(tmp_path / "a"), max_train_steps=12, train_batch_size=4, learning_rate=3e-3,
+                            lr_warmup_steps=1, checkpointing_steps=6, adam_epsilon=1e-8, logging_steps=5)  # fmt: skip
     losses = train_tokenizer(tiny_vae(), dataset, config, objective)
+    assert len(losses) == 12
     if not gan_weight:  # with a discriminator the total is a two-player game's, not one that must fall
         assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     reloaded = BitDanceTokenizer.from_pretrained(tmp_path / "a" / "final")
 
     # Stop after 6 steps, then resume from the checkpoint in a fresh model: same weights as the uninterrupted run.
-    partial = TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b"), "max_steps": 6})
+    partial = TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b"), "max_train_steps": 6})
     train_tokenizer(tiny_vae(), dataset, partial, objective)
-    resumed_config = TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b")})
+    resumed_config = TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b"), "resume_from_checkpoint": "latest"})
     resumed = tiny_vae()
     resumed_losses = train_tokenizer(resumed, dataset, resumed_config, objective)
     assert resumed_losses == losses[6:]
@@ -93,8 +94,9 @@ def test_decoder_fine_tuning_keeps_the_codes(tmp_path):
     objective = TokenizerObjectiveConfig(decoder_only=True, edge_weight=1.0)
     _, parts = tokenizer_training_loss(vae, images, objective)
     assert set(parts) == {"reconstruction", "edge"}
-    losses = train_tokenizer(vae, dataset, TrainingConfig(output_dir=str(tmp_path), max_steps=12, batch_size=4,
-                                                          learning_rate=3e-3, warmup_steps=1), objective)  # fmt: skip
+    losses = train_tokenizer(vae, dataset, TrainingConfig(output_dir=str(tmp_path), max_train_steps=12, train_batch_size=4,
+                                                          learning_rate=3e-3, lr_warmup_steps=1, adam_epsilon=1e-8),
+                             objective)  # fmt: skip
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     for name, tensor in vae.encoder.state_dict().items():
         assert torch.equal(tensor, encoder_before[name]), name
@@ -132,14 +134,18 @@ def test_edge_loss_compares_pixel_differences():
     assert all(torch.all(d == 0) for d in pixel_differences(flat + 0.5))
 
 
-def test_text_to_image_training_reduces_loss_and_resumes_exactly(tmp_path):
+def tiny_t2i_pipeline():
+    pipe = build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_text_to_image_training_reduces_loss_and_resumes_exactly_with_its_ema(tmp_path):
     dataset = ShapesDataset(2, resolution=64, seed=2)
     objective = T2IObjectiveConfig()
-    config = TrainingConfig(output_dir=str(tmp_path / "a"), max_steps=16, batch_size=2, learning_rate=2e-3,
-                            warmup_steps=1, checkpoint_every=8)  # fmt: skip
-
-    def fresh():
-        return build_random_pipeline("tiny", block_size=16, image_sizes=[[64, 64]])
+    config = TrainingConfig(output_dir=str(tmp_path / "a"), max_train_steps=16, train_batch_size=2, learning_rate=2e-3,
+                            lr_warmup_steps=1, checkpointing_steps=8, adam_epsilon=1e-8, use_ema=True, ema_decay=0.9,
+                            logging_steps=5)  # fmt: skip
 
     def fixed_batch_loss(pipe):
         """The loss on the (single, fixed) batch with fixed times and noise: the per-step loss is too noisy to compare."""
@@ -149,20 +155,47 @@ def test_text_to_image_training_reduces_loss_and_resumes_exactly(tmp_path):
             return t2i_training_loss(pipe, [item["caption"] for item in batch], codes, torch.Generator().manual_seed(0),
                                      T2IObjectiveConfig(bit_flip_max=0.0, text_dropout=0.0)).item()  # fmt: skip
 
-    pipe = fresh()
+    pipe = tiny_t2i_pipeline()
     before = fixed_batch_loss(pipe)
     losses = train_text_to_image(pipe, dataset, config, objective)
-    assert fixed_batch_loss(pipe) < 0.7 * before
+    assert len(losses) == 16 and fixed_batch_loss(pipe) < 0.7 * before
     final = BitDancePipeline.from_pretrained(tmp_path / "a" / "final")
+    ema = BitDancePipeline.from_pretrained(tmp_path / "a" / "final-ema")  # the EMA weights load as a pipeline
+    for name in ("language_model", "projector", "diffusion_head"):
+        for key, tensor in final.components[name].state_dict().items():
+            assert torch.equal(tensor, pipe.components[name].state_dict()[key]), key
+    assert not torch.equal(ema.diffusion_head.final_layer.linear.weight, final.diffusion_head.final_layer.linear.weight)
+    assert ema("a red circle", num_inference_steps=2, output_type="pt").images.shape == (1, 3, 64, 64)
 
-    train_text_to_image(fresh(), dataset, TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b"),
-                                                            "max_steps": 8}), objective)  # fmt: skip
-    resumed = fresh()
-    resumed_losses = train_text_to_image(resumed, dataset, TrainingConfig(**{**config.__dict__,
-                                                                            "output_dir": str(tmp_path / "b")}), objective)  # fmt: skip
-    assert resumed_losses == losses[8:]
-    for name, tensor in final.diffusion_head.state_dict().items():
-        assert torch.equal(tensor, resumed.diffusion_head.state_dict()[name]), name
+    partial = TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b"), "max_train_steps": 8})
+    train_text_to_image(tiny_t2i_pipeline(), dataset, partial, objective)
+    resumed = tiny_t2i_pipeline()
+    resumed_config = TrainingConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b"), "resume_from_checkpoint": "latest"})
+    assert train_text_to_image(resumed, dataset, resumed_config, objective) == losses[8:]
+    resumed_ema = BitDancePipeline.from_pretrained(tmp_path / "b" / "final-ema")
+    for name in ("language_model", "diffusion_head"):
+        for (key, tensor), other in zip(final.components[name].state_dict().items(),
+                                        resumed.components[name].state_dict().values()):  # fmt: skip
+            assert torch.equal(tensor, other), key
+        for (key, tensor), other in zip(ema.components[name].state_dict().items(),
+                                        resumed_ema.components[name].state_dict().values()):  # fmt: skip
+            assert torch.equal(tensor, other), key
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """Batch 2 x 2 accumulated micro-batches trains as batch 4: the same samples, the same per-sample random draws."""
+    dataset = ShapesDataset(8, resolution=64, seed=2)
+    runs = {}
+    for batch, accumulation in ((4, 1), (2, 2)):
+        pipe = tiny_t2i_pipeline()
+        config = TrainingConfig(output_dir=str(tmp_path / f"{batch}x{accumulation}"), max_train_steps=3,
+                                train_batch_size=batch, gradient_accumulation_steps=accumulation, learning_rate=1e-3,
+                                lr_warmup_steps=1, adam_epsilon=1e-8)  # fmt: skip
+        runs[batch] = (train_text_to_image(pipe, dataset, config), pipe.diffusion_head.state_dict())
+    (losses, weights), (accumulated_losses, accumulated_weights) = runs[4], runs[2]
+    assert losses == pytest.approx(accumulated_losses, rel=1e-5)
+    for key, tensor in weights.items():
+        torch.testing.assert_close(accumulated_weights[key], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_metrics():
@@ -205,20 +238,10 @@ def test_shape_reader_tells_each_outline_from_the_others():
         assert np.asarray(mask).sum() == pytest.approx(unit_area(shape) * 25.0**2, rel=0.1)  # PIL fills the edge pixels too
 
 
-def test_learning_rate_schedules():
-    constant = TrainingConfig(output_dir="", max_steps=100, warmup_steps=10)
-    cosine = TrainingConfig(output_dir="", max_steps=100, warmup_steps=10, lr_schedule="cosine")
-    assert [_lr_factor(constant, step) for step in (0, 9, 50, 99)] == [0.1, 1.0, 1.0, 1.0]
-    assert _lr_factor(cosine, 0) == pytest.approx(0.1) and _lr_factor(cosine, 50) == pytest.approx(0.5)
-    assert _lr_factor(cosine, 25) > _lr_factor(cosine, 75) > _lr_factor(cosine, 99) > 0
-    assert _lr_factor(cosine, 100) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="lr_schedule must be"):
-        _lr_factor(TrainingConfig(output_dir="", lr_schedule="linear"), 0)
-
-
 def test_demo_recipe_runs_end_to_end(tmp_path):
     config = DemoConfig(num_images=16, tokenizer_resolution=64)
-    steps = dict(max_steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, output_dir="", lr_schedule="cosine")
+    steps = dict(max_train_steps=2, train_batch_size=2, lr_warmup_steps=1, checkpointing_steps=2, output_dir="",
+                 lr_scheduler="cosine")
     train_shapes_demo(str(tmp_path), TrainingConfig(**steps), TrainingConfig(**steps), config,
                       tokenizer_finetuning=TrainingConfig(**steps), decoder_finetuning=TrainingConfig(**steps),
                       adversarial_finetuning=TrainingConfig(**steps),
@@ -244,7 +267,7 @@ def test_foreground_weights_mark_the_shapes():
 
 
 def test_tokenizer_training_refuses_gradient_checkpointing(tmp_path):
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=1, gradient_checkpointing=True)
+    config = TrainingConfig(output_dir=str(tmp_path), max_train_steps=1, gradient_checkpointing=True)
     with pytest.raises(ValueError, match="set gradient_checkpointing=False"):
         train_tokenizer(tiny_vae(), ShapesDataset(1, resolution=64), config)
     assert not any(tmp_path.iterdir())

@@ -15,6 +15,7 @@ from ..models import BitDanceDiffusionHead, BitDanceProjector, BitDanceTokenizer
 from ..pipelines import BitDancePipeline
 from ..special_tokens import SPECIAL_TOKENS
 from ..schedulers import BinaryFlowScheduler
+from .data import EncodedDataset
 from .shapes import ShapesDataset
 from .shapes_detector import detect_shape
 from .t2i_objective import T2IObjectiveConfig
@@ -43,28 +44,6 @@ class DemoConfig:
         head_dim=64, max_position_embeddings=512))  # fmt: skip
     head: dict = field(default_factory=lambda: dict(hidden_size=256, num_layers=4, num_ada_ln_layers=2,
                                                     attention_head_dim=64))  # fmt: skip
-
-
-class EncodedDataset(torch.utils.data.Dataset):
-    """Captions with their images' ±1 codes (int8 ``[C, h, w]``), encoded once: the generator's training set."""
-
-    def __init__(self, codes: torch.Tensor, captions: list[str]):
-        self.codes, self.captions = codes, captions
-
-    @classmethod
-    @torch.no_grad()
-    def encode(cls, dataset, vae: BitDanceTokenizer, batch_size: int = 64) -> "EncodedDataset":
-        codes = []
-        for start in range(0, len(dataset), batch_size):
-            images = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))])
-            codes.append(vae.encode(images).codes.to(torch.int8))
-        return cls(torch.cat(codes), [dataset.scene(i).caption() for i in range(len(dataset))])
-
-    def __len__(self):
-        return len(self.captions)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"codes": self.codes[index].float(), "caption": self.captions[index]}
 
 
 def train_text_tokenizer(captions: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -158,14 +137,14 @@ def train_shapes_demo(
     if adversarial_finetuning is not None:
         stages.append((adversarial_finetuning, config.resolution, "vae-gan", adversarial_objective))
     for training, resolution, name, objective in stages:
-        training.output_dir = f"{output_dir}/{name}"
+        training.output_dir, training.resume_from_checkpoint = f"{output_dir}/{name}", "latest"
         images = ShapesDataset(config.num_images, resolution=resolution, seed=seed, max_objects=config.max_objects)
         train_tokenizer(vae, images, training, objective)
 
     torch.manual_seed(seed + 1)
     pipe = build_demo_pipeline(config, text_tokenizer, vae)
     dataset = EncodedDataset.encode(dataset, vae)
-    t2i_training.output_dir = f"{output_dir}/t2i"
+    t2i_training.output_dir, t2i_training.resume_from_checkpoint = f"{output_dir}/t2i", "latest"
     train_text_to_image(pipe, dataset, t2i_training, T2IObjectiveConfig())
     pipe.save_pretrained(f"{output_dir}/pipeline")
     return pipe

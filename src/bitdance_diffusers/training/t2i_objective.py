@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.attention_masks import left_padded_block_causal
 from ..models.embeddings import sincos_2d_sequence
 from ..pipelines.engines import x_prediction_to_velocity
 from ..pipelines.pipeline_bitdance import BitDancePipeline
-from ..models.attention_masks import left_padded_block_causal
 from ..utils.token_layout import grid_to_sequence
+from .randomness import Generators, random_rows
 
 
 @dataclass
@@ -27,25 +28,26 @@ class T2IObjectiveConfig:
     text_dropout: float = 0.1
 
 
-def flip_bits(tokens: torch.Tensor, max_probability: float, generator: torch.Generator | None) -> torch.Tensor:
+def flip_bits(tokens: torch.Tensor, max_probability: float, generator: Generators) -> torch.Tensor:
     """Flip each ±1 entry of ``tokens [B, ...]`` with probability ``U * max_probability``, ``U ~ U(0, 1)`` per row."""
     if max_probability <= 0:
         return tokens
-    rate = torch.rand(tokens.shape[0], generator=generator, device=tokens.device) * max_probability
-    flips = torch.rand(tokens.shape, generator=generator, device=tokens.device) < rate.view(-1, *[1] * (tokens.ndim - 1))
+    rate = random_rows((tokens.shape[0],), generator, tokens.device) * max_probability
+    flips = random_rows(tokens.shape, generator, tokens.device) < rate.view(-1, *[1] * (tokens.ndim - 1))
     return torch.where(flips, -tokens, tokens)
 
 
 def flow_matching_loss(
-    head: torch.nn.Module, tokens: torch.Tensor, condition: torch.Tensor, generator: torch.Generator | None
+    head: torch.nn.Module, tokens: torch.Tensor, condition: torch.Tensor, generator: Generators
 ) -> torch.Tensor:
-    """Flow loss of the head on ``tokens [N, P, C]`` given ``condition [N, P, D]``; one time per block row."""
+    """Flow loss of the head on the blocks ``tokens [B, n, P, C]`` of ``B`` samples given ``condition [B, n, P, D]``;
+    one time per block."""
     config = head.config
-    t = torch.sigmoid(
-        torch.randn(tokens.shape[0], generator=generator, device=tokens.device) * config.time_logit_std
-        + config.time_logit_mean
-    )
-    noise = torch.randn(tokens.shape, generator=generator, device=tokens.device)
+    batch, num_blocks, block_size, channels = tokens.shape
+    t = torch.sigmoid(random_rows((batch, num_blocks), generator, tokens.device, normal=True) * config.time_logit_std
+                      + config.time_logit_mean).flatten()  # fmt: skip
+    noise = random_rows(tokens.shape, generator, tokens.device, normal=True).flatten(0, 1)
+    tokens, condition = tokens.flatten(0, 1), condition.flatten(0, 1)
     t_tokens = t.view(-1, 1, 1)
     noisy = (1 - t_tokens) * noise + t_tokens * tokens
     target = x_prediction_to_velocity(tokens, noisy, t_tokens)
@@ -90,7 +92,9 @@ def teacher_forced_conditions(
         [[pad_id] * (text_length - len(ids) - len(prefix)) + ids + prefix for ids in row_ids], device=device
     )
     inputs_embeds = torch.cat([embed_tokens(text_ids), image_embeds], dim=1)
-    output = pipe.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids)
+    output = pipe.language_model(
+        inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+    )
     hidden = output.last_hidden_state[:, -num_blocks * block_size :].float() + positions
     return hidden.view(batch, num_blocks, block_size, hidden_size)
 
@@ -99,20 +103,20 @@ def t2i_training_loss(
     pipe: BitDancePipeline,
     captions: list[str],
     codes: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     config: T2IObjectiveConfig = T2IObjectiveConfig(),
 ) -> torch.Tensor:
-    """The generator's training loss on ``codes [B, C, h, w]`` with their ``captions``."""
-    drop = torch.rand(len(captions), generator=generator, device=codes.device) < config.text_dropout
+    """The generator's training loss on ``codes [B, C, h, w]`` with their ``captions``; ``generator`` may be a list of
+    one generator per sample."""
+    drop = [False] * len(captions)
+    if config.text_dropout > 0:
+        drop = (random_rows((len(captions),), generator, codes.device) < config.text_dropout).tolist()
     # A dropped caption reads the prompt-free template of the unconditional branch.
     row_ids = pipe.tokenize_prompt([None if dropped else caption for caption, dropped in zip(captions, drop)])
     targets = grid_to_sequence(codes, pipe.config.block_size)
     inputs = flip_bits(targets, config.bit_flip_max, generator)
     conditions = teacher_forced_conditions(pipe, row_ids, codes, inputs)
-    block_size, channels = pipe.config.block_size, codes.shape[1]
+    batch, num_blocks, block_size, _ = conditions.shape
     return flow_matching_loss(
-        pipe.diffusion_head,
-        targets.reshape(-1, block_size, channels),
-        conditions.reshape(-1, block_size, conditions.shape[-1]),
-        generator,
+        pipe.diffusion_head, targets.view(batch, num_blocks, block_size, codes.shape[1]), conditions, generator
     )

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..models.binary_autoencoder import BitDanceTokenizer
 from ..utils.token_layout import binarize
 from .discriminator import PatchDiscriminator, adversarial_loss, hinge_discriminator_loss
+from .randomness import Generators, random_rows
 
 
 @dataclass
@@ -73,14 +74,18 @@ def tokenizer_training_loss(
     images: torch.Tensor,
     config: TokenizerObjectiveConfig = TokenizerObjectiveConfig(),
     discriminator: PatchDiscriminator | None = None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Total loss and its parts for ``images [B, 3, H, W]`` in [-1, 1]; ``discriminator`` when ``gan_weight > 0``."""
+    """Total loss and its parts for ``images [B, 3, H, W]`` in [-1, 1]; ``discriminator`` when ``gan_weight > 0``;
+    ``generator`` (one, or one per image) draws the decoder's noise of a ``gan_decoder`` tokenizer."""
     if config.gan_weight and discriminator is None:
         raise ValueError("gan_weight > 0 needs a discriminator: pass a PatchDiscriminator (train_tokenizer makes one).")
     with torch.set_grad_enabled(torch.is_grad_enabled() and not config.decoder_only):
         latents = vae.encoder(images)
     codes = straight_through_sign(latents)
-    noise = torch.randn_like(codes) if vae.config.gan_decoder else None
+    noise = None
+    if vae.config.gan_decoder:
+        noise = random_rows(codes.shape, generator, codes.device, normal=True).to(codes.dtype)
     reconstruction = vae.decoder(codes, noise)
     if config.reconstruction == "l1":
         errors = (reconstruction - images).abs()
