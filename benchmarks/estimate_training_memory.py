@@ -29,7 +29,7 @@ from bench_utils import T2I_CONFIGS, append_rows, print_table
 from fake_generation import PROMPT
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.distributed.device_mesh import init_device_mesh
 
 from bitdance_diffusers import BinaryFlowScheduler
@@ -85,9 +85,24 @@ def quantize_nf4_(model: torch.nn.Module):
                 setattr(parent, name, NF4Linear(child))
 
 
-class FrozenWeightsMemTracker(MemTracker):
-    """torch's `MemTracker`, which hooks the gradient of every parameter of a module it enters; frozen weights
-    refuse hooks, so only the trained parameters get one."""
+class GlobalPeakOnly:
+    """Keeps the trackers' global peak only. torch's trackers also keep a peak per module, refreshed by a pass over every
+    module on every operation: hours at 14B shapes, for figures this estimate does not read."""
+
+    def _update_peak_stats(self, peak_state):
+        for device, snapshot in self._curr_mem_snap.items():
+            if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
+                self._peak_mem[device] = snapshot[_TOTAL_KEY]
+                self._peak_mem_snap[device] = dict(snapshot)
+
+
+class ShardedMemTracker(GlobalPeakOnly, FSDPMemTracker):
+    """`FSDPMemTracker` with the global peak only."""
+
+
+class FrozenWeightsMemTracker(GlobalPeakOnly, MemTracker):
+    """torch's `MemTracker` (global peak only), which hooks the gradient of every parameter of a module it enters;
+    frozen weights refuse hooks, so only the trained parameters get one."""
 
     def _track_module_params_and_buffers(self, module: torch.nn.Module, install_grad_hooks: bool = True):
         memory = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
@@ -181,7 +196,7 @@ def main():
         codes = torch.ones(args.batch, 32, args.height // 16, args.width // 16)
         batch = {"codes": codes, "caption": [PROMPT] * args.batch}
 
-        tracker = FrozenWeightsMemTracker() if lora else FSDPMemTracker(mod=module, optm=optimizer)
+        tracker = FrozenWeightsMemTracker() if lora else ShardedMemTracker(mod=module, optm=optimizer)
         if lora:
             tracker.track_external(module, optimizer)
         ema = None
