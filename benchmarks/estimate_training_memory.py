@@ -192,7 +192,10 @@ def main():
             checkpoint_layers_(module)
             shard_(module, mesh)
         parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=1e-5, betas=(0.9, 0.95), eps=1e-15, foreach=True)  # GPU default
+        # Per parameter under FSDP2: the foreach forms of AdamW and of the gradient clipping over DTensors, under fake
+        # tensors, are counted with full-size temporaries (AdamW states 27x the shard, a whole fp32 gradient copy at
+        # 14B) that a GPU does not hold; per parameter the states count exactly (foreach temporaries not counted).
+        optimizer = torch.optim.AdamW(parameters, lr=1e-5, betas=(0.9, 0.95), eps=1e-15, foreach=lora)
         codes = torch.ones(args.batch, 32, args.height // 16, args.width // 16)
         batch = {"codes": codes, "caption": [PROMPT] * args.batch}
 
@@ -205,7 +208,7 @@ def main():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss, _ = module(batch, sample_generators(0, step, 0, args.batch, "cpu"))
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, 1.0, foreach=True)
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0, foreach=lora)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if args.use_ema and not lora:
