@@ -2,6 +2,7 @@
 only into their --output_dir."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,19 @@ def test_a_benchmark_writes_into_its_output_dir_and_nowhere_else(tmp_path):
     run = subprocess.run(script + ["--output_dir", "a_file/x"], cwd=cwd, capture_output=True, text=True)
     assert run.returncode == 2 and "--output_dir a_file/x: cannot create the folder" in run.stderr
     assert (cwd / "a_file").read_text() == "mine"
+
+
+def test_gpu_scripts_refuse_without_cuda_and_check_their_arguments(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, also on a machine that has one
+    for script in ("gpu_t2i.sh", "gpu_memory_modes.sh"):
+        run = subprocess.run(["bash", str(BENCHMARKS / script), "--output_dir", "out"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 1 and "this script needs a CUDA GPU and PyTorch sees none" in run.stderr, run.stderr
+        run = subprocess.run(["bash", str(BENCHMARKS / script), "no-such-part"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 2 and "unknown part 'no-such-part'" in run.stderr
+        assert run.stderr.startswith(f"Usage: benchmarks/{script} [--output_dir DIR] [PART ...]")
+    assert list(tmp_path.iterdir()) == []  # refused before creating the output folder
 
 
 def test_cuda_graphs_refuse_cpu_tensors():
