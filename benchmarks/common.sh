@@ -1,12 +1,12 @@
 # shellcheck shell=bash
 # Sourced by the benchmark shell scripts (after they define `usage`): the options, checks and helpers they share.
 #
-#   parse_arguments "KNOWN PARTS" "DEFAULT PARTS" "$@"   sets OUTPUT_DIR (--output_dir, default bench-out/ in the
+#   parse_arguments "KNOWN PARTS" "DEFAULT PARTS" "$@"   sets RESULTS_DIR (--output_dir, default bench-out/ in the
 #                                                       current directory) and PARTS; -h prints the usage
 #   require_cuda                                        exits with a clear message when PyTorch sees no CUDA GPU
 #   require_modules MODULE...                           exits naming the pip extra when a module is missing
-#   open_output_dir                                     creates OUTPUT_DIR and copies everything the script prints
-#                                                       from then on to OUTPUT_DIR/<script>.log
+#   open_output_dir                                     creates RESULTS_DIR and copies everything the script prints
+#                                                       from then on to RESULTS_DIR/<script>.log
 #   wants PART / finished PART                          PART was asked for / prints the seconds since the start
 #   REFERENCES                                          a private temporary folder, removed on exit
 
@@ -23,17 +23,17 @@ usage_error() {
 parse_arguments() {
     local known=$1 defaults=$2
     shift 2
-    OUTPUT_DIR=bench-out
+    RESULTS_DIR=bench-out
     PARTS=""
     while [[ $# -gt 0 ]]; do
         case $1 in
             -h | --help) usage; exit 0 ;;
             --output_dir)
                 [[ $# -ge 2 && -n $2 ]] || usage_error "--output_dir needs a folder"
-                OUTPUT_DIR=$2
+                RESULTS_DIR=$2
                 shift 2
                 ;;
-            --output_dir=*) OUTPUT_DIR=${1#*=}; shift ;;
+            --output_dir=*) RESULTS_DIR=${1#*=}; shift ;;
             -*) usage_error "unknown option $1" ;;
             *)
                 [[ -n $known ]] || usage_error "unexpected argument '$1'"
@@ -83,11 +83,11 @@ EOF
 
 open_output_dir() {
     local log
-    mkdir -p -- "$OUTPUT_DIR" 2>/dev/null ||
-        usage_error "cannot create --output_dir $OUTPUT_DIR: pass a writable folder"
-    log="$OUTPUT_DIR/$(basename "$0" .sh).log"
+    mkdir -p -- "$RESULTS_DIR" 2>/dev/null ||
+        usage_error "cannot create --output_dir $RESULTS_DIR: pass a writable folder"
+    log="$RESULTS_DIR/$(basename "$0" .sh).log"
     exec > >(tee -a "$log") 2>&1
-    echo "[$(date -u +%Y-%m-%dT%H:%M:%SZ)] $0 --output_dir $OUTPUT_DIR $PARTS (output also in $log)"
+    echo "[$(date -u +%Y-%m-%dT%H:%M:%SZ)] $0 --output_dir $RESULTS_DIR $PARTS (output also in $log)"
 }
 
 wants() { [[ " $PARTS " == *" $1 "* ]]; }

@@ -16,7 +16,7 @@ open_output_dir
 
 for steps in 25 50; do
     python "$BENCHMARKS/bench_t2i.py" --config small --height 256 --width 256 --block_size 64 --steps "$steps" \
-        --repeats 3 --output_dir "$OUTPUT_DIR"
+        --repeats 3 --output_dir "$RESULTS_DIR"
     python "$BENCHMARKS/bench_t2i.py" --config small --height 512 --width 512 --block_size 16 --steps "$steps" \
-        --repeats 3 --output_dir "$OUTPUT_DIR"
+        --repeats 3 --output_dir "$RESULTS_DIR"
 done

@@ -28,12 +28,12 @@ require_modules bitdance_diffusers torchao bitsandbytes
 require_cuda
 open_output_dir
 
-BIG=(python "$BENCHMARKS/bench_t2i.py" --device cuda --output_dir "$OUTPUT_DIR" --config 14b-64x --dtype bf16
+BIG=(python "$BENCHMARKS/bench_t2i.py" --device cuda --output_dir "$RESULTS_DIR" --config 14b-64x --dtype bf16
      --height 1024 --width 1024 --steps 50 --guidance 7.5)
 
 if wants loaders; then
     python "$BENCHMARKS/bench_quantization.py" --config small --device cuda --dtype bf16 \
-        --schemes int8wo,fp8wo,fp8,nf4,int8 --output_dir "$OUTPUT_DIR"
+        --schemes int8wo,fp8wo,fp8,nf4,int8 --output_dir "$RESULTS_DIR"
     finished loaders
 fi
 if wants 24gb; then
@@ -52,6 +52,6 @@ if wants 24gb-compiled; then
 fi
 if wants offload; then
     python "$BENCHMARKS/gpu_offload_check.py" --config 14b --height 256 --width 256 --steps 10 \
-        --modes model_cpu_offload,group_offload_language_model --output_dir "$OUTPUT_DIR"
+        --modes model_cpu_offload,group_offload_language_model --output_dir "$RESULTS_DIR"
     finished offload
 fi

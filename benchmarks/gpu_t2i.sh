@@ -35,7 +35,7 @@ require_modules bitdance_diffusers torchao peft
 require_cuda
 open_output_dir
 
-BENCH=(python "$BENCHMARKS/bench_t2i.py" --device cuda --output_dir "$OUTPUT_DIR")
+BENCH=(python "$BENCHMARKS/bench_t2i.py" --device cuda --output_dir "$RESULTS_DIR")
 TINY=(--config tiny --height 256 --width 256 --steps 4)
 BIG=(--config 14b-64x --dtype bf16 --height 1024 --width 1024 --steps 50 --guidance 7.5)
 GRAPHS=(--cuda_graphs)
@@ -48,7 +48,7 @@ if wants check; then
     fi
     "${BENCH[@]}" "${TINY[@]}" --guidance_cutoff 0.4 --save_images "$REFERENCES/tiny_cut.pt"
     "${BENCH[@]}" "${TINY[@]}" --guidance_cutoff 0.4 --cuda_graphs --compare_to "$REFERENCES/tiny_cut.pt" --min_psnr 60
-    python "$BENCHMARKS/gpu_lora_check.py" --output_dir "$OUTPUT_DIR"
+    python "$BENCHMARKS/gpu_lora_check.py" --output_dir "$RESULTS_DIR"
     finished check
 fi
 if wants bf16 || wants scaling || wants fp8 || wants fp8-compile || wants fp8wo-autotune; then  # the fp8 reference
@@ -83,7 +83,7 @@ fi
 if wants imagenet; then
     for block_size in 1 4 16; do
         python "$BENCHMARKS/bench_imagenet.py" --device cuda --dtype bf16 --cuda_graphs --size B \
-            --block_size "$block_size" --batch 64 --batches 64,256 --output_dir "$OUTPUT_DIR"
+            --block_size "$block_size" --batch 64 --batches 64,256 --output_dir "$RESULTS_DIR"
     done
     finished imagenet
 fi
