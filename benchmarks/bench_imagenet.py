@@ -16,12 +16,14 @@ from contextlib import ExitStack
 import torch
 from bench_utils import (
     DTYPES,
+    add_output_argument,
     append_rows,
     measure_gpu_ceilings,
     module_bytes,
     module_matmul_params,
     peak_memory_gb,
     print_table,
+    rows_path,
     synchronize,
 )
 
@@ -94,8 +96,9 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cuda_graphs", action="store_true", help="replay the head from CUDA graphs")
     parser.add_argument("--batches", default="", help="comma-separated batch sizes for an images/s table")
-    parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
+    add_output_argument(parser)
     args = parser.parse_args()
+    results_path = rows_path(parser, args, "bench_imagenet")
 
     device = torch.device(args.device)
     pipe = build_random_imagenet_pipeline(args.size, block_size=args.block_size, sample_size=args.sample_size,
@@ -149,8 +152,7 @@ def main():
         print_table("images/s against batch size", ["batch", "seconds", "images/s"],
                     [[b, f"{s:.3f}", f"{b / s:.2f}"] for b, s in scaling])  # fmt: skip
         result["scaling"] = [{"batch": b, "seconds": s, "images_per_s": b / s} for b, s in scaling]
-    if args.json:
-        append_rows(args.json, [result], device)
+    append_rows(results_path, [result], device)
 
 
 if __name__ == "__main__":

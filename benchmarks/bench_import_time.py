@@ -1,18 +1,16 @@
 """Start-up cost of the package and of the `bitdance` command: wall time of fresh processes, and what they import.
 
     python benchmarks/bench_import_time.py                 # 5 runs of each command, best and median
-    python benchmarks/bench_import_time.py --repeats 9 --json import_time.jsonl
+    python benchmarks/bench_import_time.py --repeats 9 --output_dir bench-out
 
 Each row is one command run in a new Python process (`python -c ...` or `python -m bitdance_diffusers.cli ...`, so the
 console script's launcher is not counted); its columns are the best and the median wall time over the repeats, and
 whether the process ended with torch, diffusers, transformers, torchao or bitsandbytes in `sys.modules`. The reference
 rows (`import torch`, `import diffusers`) show the floor that any command loading a pipeline pays. The figures depend
-on the machine's load: compare rows of the same run.
+on the machine's load: compare rows of the same run. The rows are appended to ``OUTPUT_DIR/bench_import_time.jsonl``.
 """
 
 import argparse
-import datetime
-import json
 import platform
 import statistics
 import subprocess
@@ -20,7 +18,8 @@ import sys
 import time
 from importlib.metadata import version
 
-from bench_utils import cpu_name, print_table
+import torch
+from bench_utils import add_output_argument, append_rows, cpu_name, print_table, rows_path
 
 
 HEAVY_MODULES = ("torch", "diffusers", "transformers", "torchao", "bitsandbytes")
@@ -61,8 +60,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="Fresh processes per command (best and median kept).")
     parser.add_argument("--commands", default=",".join(COMMANDS), help="Comma-separated names of the rows to run.")
-    parser.add_argument("--json", default=None, help="Append the rows to this JSON-lines file.")
+    add_output_argument(parser)
     args = parser.parse_args()
+    results_path = rows_path(parser, args, "bench_import_time")
 
     names = [name.strip() for name in args.commands.split(",") if name.strip()]
     unknown = [name for name in names if name not in COMMANDS]
@@ -84,12 +84,8 @@ def main():
     header = ["command", "best s", "median s", "heavy modules imported"]
     print_table(title, header, [[row["command"], f"{row['best_s']:.2f}", f"{row['median_s']:.2f}", row["heavy_modules"]]
                                 for row in rows])  # fmt: skip
-    if args.json:
-        with open(args.json, "a") as handle:
-            for row in rows:
-                record = {"benchmark": "import_time", "repeats": args.repeats, **row, **versions,
-                          "machine": cpu_name(), "date": datetime.date.today().isoformat()}  # fmt: skip
-                handle.write(json.dumps(record) + "\n")
+    records = [{"benchmark": "import_time", "repeats": args.repeats, **row} for row in rows]
+    append_rows(results_path, records, torch.device("cpu"))
 
 
 if __name__ == "__main__":

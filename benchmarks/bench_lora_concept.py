@@ -1,13 +1,15 @@
 """LoRA fine-tuning teaches the shipped shapes model a new word, measured with the pixel detector of the shapes set.
 
-    python benchmarks/bench_lora_concept.py [--word crimson --color red] [--rank 8] [--steps 300] [--json rows.jsonl]
+    python benchmarks/bench_lora_concept.py [--word crimson --color red] [--rank 8] [--steps 300] \
+        [--output_dir bench-out]
 
 Training set: one-object scenes of the training seed whose object has ``--color``, captioned with ``--word`` in place
 of the colour's name ("a small crimson star at the top on a blue background"), and as many ordinary scenes with their
 own captions (prior preservation), encoded once by the model's tokenizer.
 Only LoRA adapters of the language model and the head train (`train_text_to_image(..., lora_rank=...)`). Measured
 before and after, on held-out scenes (a seed never trained on): the fraction of new-word prompts drawn in ``--color``,
-and the four detector scores of ordinary prompts, to see what the adapter costs elsewhere.
+and the four detector scores of ordinary prompts, to see what the adapter costs elsewhere. The row is appended to
+``OUTPUT_DIR/bench_lora_concept.jsonl``; the adapter trains in a temporary folder.
 """
 
 import argparse
@@ -15,7 +17,7 @@ import tempfile
 import time
 
 import torch
-from bench_utils import append_rows
+from bench_utils import add_output_argument, append_rows, rows_path
 
 from bitdance_diffusers import BitDancePipeline
 from bitdance_diffusers.pretrained import DEMO_MODEL_PATH
@@ -59,8 +61,9 @@ def main():
     parser.add_argument("--num_prompts", type=int, default=50, help="held-out prompts of each kind")
     parser.add_argument("--inference_steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--json", default=None)
+    add_output_argument(parser)
     args = parser.parse_args()
+    results_path = rows_path(parser, args, "bench_lora_concept")
 
     pipe = BitDancePipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -100,11 +103,10 @@ def main():
     for key in before:
         label = f"'{args.word}' drawn {args.color}" if key == "new_word_color" else f"ordinary prompts: {key}"
         print(f"{label:<32}{before[key]:>8.2f}{after[key]:>8.2f}")
-    if args.json:
-        row = {"benchmark": "lora_concept", "word": args.word, "color": args.color, "rank": args.rank,
-               "num_train": args.num_train, "num_regular": args.num_regular, "steps": args.steps,
-               "batch_size": batch_size, "training_seconds": training_seconds, "before": before, "after": after}
-        append_rows(args.json, [row], torch.device("cpu"))
+    row = {"benchmark": "lora_concept", "word": args.word, "color": args.color, "rank": args.rank,
+           "num_train": args.num_train, "num_regular": args.num_regular, "steps": args.steps,
+           "batch_size": batch_size, "training_seconds": training_seconds, "before": before, "after": after}
+    append_rows(results_path, [row], torch.device("cpu"))
 
 
 if __name__ == "__main__":

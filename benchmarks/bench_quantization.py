@@ -19,10 +19,12 @@ import torch
 from bench_utils import (
     DTYPES,
     T2I_CONFIGS,
+    add_output_argument,
     add_t2i_run_arguments,
     append_rows,
     peak_memory_gb,
     print_table,
+    rows_path,
     synchronize,
 )
 
@@ -78,8 +80,9 @@ def main():
     parser.add_argument("--config", choices=["tiny", "small"], default="tiny")
     parser.add_argument("--schemes", default="int8wo", help=f"comma-separated, of {', '.join(QUANTIZATION_SCHEMES)}")
     add_t2i_run_arguments(parser)
-    parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
+    add_output_argument(parser)
     args = parser.parse_args()
+    results_path = rows_path(parser, args, "bench_quantization")
     schemes = args.schemes.split(",")
     unknown = sorted(set(schemes) - set(QUANTIZATION_SCHEMES))
     if unknown:
@@ -121,8 +124,7 @@ def main():
         ["scheme", "weights GiB", "peak GiB", "s/image", "tokens equal", "PSNR dB (worst image)"],
         table,
     )
-    if args.json:
-        append_rows(args.json, rows, device)
+    append_rows(results_path, rows, device)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Quality of the shipped shapes model, measured with the pixel detector of the synthetic set.
 
     python benchmarks/bench_shapes_quality.py [--model FOLDER] [--num_prompts 100] [--steps 25] [--scheduler flow-heun]
-        [--quantize int8wo] [--json rows.jsonl]
+        [--quantize int8wo] [--output_dir bench-out]
 
 Over held-out prompts (scenes of a seed never used in training): the fraction of images whose dominant object colour,
 position (3x3 grid), background colour and shape (the outline that best overlaps the object) match the prompt; and
@@ -9,14 +9,15 @@ the tokenizer's reconstruction PSNR on held-out images, and the shape read on it
 quantizes the language model and the head in place first (`quantize_model_`: any scheme that runs on the CPU).
 ``--scheduler`` swaps the head's sampler for one of `bitdance_diffusers.schedulers.SAMPLERS` (the original's SDE
 ``binary-flow``, its ODE ``binary-flow-ode``, diffusers' ``flow-euler``, ``flow-heun``, ``flow-unipc``,
-``flow-dpmsolver``): fewer-step samplers against the default, on the same prompts and seeds.
+``flow-dpmsolver``): fewer-step samplers against the default, on the same prompts and seeds. The row is appended to
+``OUTPUT_DIR/bench_shapes_quality.jsonl``.
 """
 
 import argparse
 import time
 
 import torch
-from bench_utils import append_rows
+from bench_utils import add_output_argument, append_rows, rows_path
 
 from bitdance_diffusers import BitDancePipeline, quantize_model_
 from bitdance_diffusers.quantization import QUANTIZATION_SCHEMES
@@ -36,8 +37,9 @@ def main():
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--scheduler", choices=list(SAMPLERS), default="binary-flow")
     parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, default=None)
-    parser.add_argument("--json", default=None)
+    add_output_argument(parser)
     args = parser.parse_args()
+    results_path = rows_path(parser, args, "bench_shapes_quality")
 
     pipe = BitDancePipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.scheduler = scheduler_for_sampler(args.scheduler, pipe.scheduler.config)
@@ -75,8 +77,7 @@ def main():
     print(f"tokenizer PSNR (dB)  {tokenizer_psnr:.2f}")
     print(f"shape correct on tokenizer reconstructions {row['tokenizer_shape']:.2f}")
     print(f"seconds per image    {row['seconds_per_image']:.3f}")
-    if args.json:
-        append_rows(args.json, [row], torch.device("cpu"))
+    append_rows(results_path, [row], torch.device("cpu"))
 
 
 if __name__ == "__main__":

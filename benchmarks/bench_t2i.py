@@ -18,7 +18,8 @@ steps, head sampling, decode, and the rest: orchestration, masks, caches, Python
 ``--scaling`` adds tables of time against head steps, batch size and guidance (none, all blocks, and guidance ended
 by a callback after 40 % of the blocks, diffusers' dynamic-guidance pattern: the unconditional rows then leave the
 batch), and the per-block times of the run. ``--guidance_cutoff F`` ends guidance that way in every run.
-``--json PATH`` appends every row as one JSON line (machine, torch version and date included) for RESULTS.md.
+Every row is appended as one JSON line (machine, library versions and date included) to
+``OUTPUT_DIR/bench_t2i.jsonl`` (``--output_dir``, default ``bench-out/``), for RESULTS.md.
 """
 
 import argparse
@@ -29,6 +30,7 @@ import torch
 from bench_utils import (
     DTYPES,
     T2I_CONFIGS,
+    add_output_argument,
     add_t2i_run_arguments,
     append_rows,
     measure_gpu_ceilings,
@@ -36,6 +38,7 @@ from bench_utils import (
     module_matmul_params,
     peak_memory_gb,
     print_table,
+    rows_path,
     synchronize,
 )
 
@@ -228,12 +231,13 @@ def main():
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=1,
                         help="time the run (and on CPU each isolated forward) this many times and keep the best")
-    parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
+    add_output_argument(parser)
     parser.add_argument("--save_images", default=None, help="save the generated images (a .pt tensor) here")
     parser.add_argument("--compare_to", default=None, help="report PSNR against images saved by --save_images")
     parser.add_argument("--min_psnr", type=float, default=None,
                         help="with --compare_to: exit with an error (after writing the rows) below this PSNR in dB")
     args = parser.parse_args()
+    results_path = rows_path(parser, args, "bench_t2i")
 
     device = torch.device(args.device)
     if args.compile != "none" and device.type != "cuda":
@@ -346,8 +350,7 @@ def main():
         results[0]["scaling"] = [{"vary": name, "value": value, "seconds": s, "images_per_s": n / s}
                                  for name, value, s, n in scaling]  # fmt: skip
 
-    if args.json:
-        append_rows(args.json, results, device)
+    append_rows(results_path, results, device)
     if args.min_psnr is not None and psnr is not None and psnr < args.min_psnr:
         raise SystemExit(f"PSNR {psnr:.2f} dB against {args.compare_to} is below --min_psnr {args.min_psnr} dB")
 

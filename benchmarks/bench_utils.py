@@ -1,10 +1,13 @@
 """Helpers shared by the benchmark scripts: device synchronisation, peak memory, GPU ceilings, tables, JSON rows."""
 
+import argparse
 import datetime
 import json
 import platform
 import resource
 import statistics
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 
@@ -90,10 +93,39 @@ def cpu_name() -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-def append_rows(path: str, rows: list[dict], device: torch.device):
-    """Append ``rows`` as JSON lines, each with the machine, the torch version and the date."""
+def add_output_argument(parser: argparse.ArgumentParser):
+    parser.add_argument("--output_dir", default="bench-out",
+                        help="folder for the results (created if missing): the rows are appended as JSON lines to "
+                             "OUTPUT_DIR/<benchmark>.jsonl (default: bench-out/ in the current directory)")  # fmt: skip
+
+
+def rows_path(parser: argparse.ArgumentParser, args: argparse.Namespace, benchmark: str) -> Path:
+    """``<--output_dir>/<benchmark>.jsonl``, its folder created now: an unusable ``--output_dir`` stops the script
+    before the benchmark runs, not after."""
+    folder = Path(args.output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--output_dir {folder}: cannot create the folder ({error.strerror}); pass a writable folder")
+    return folder / f"{benchmark}.jsonl"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of torch and of the libraries a run's figures depend on (those installed)."""
+    versions = {"torch": torch.__version__}
+    for name in ("diffusers", "transformers", "torchao", "bitsandbytes", "peft"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def append_rows(path: Path, rows: list[dict], device: torch.device):
+    """Append ``rows`` as JSON lines, each with the machine, the library versions and the date."""
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     with open(path, "a") as handle:
         for row in rows:
-            row.update(machine=machine, torch=torch.__version__, date=datetime.date.today().isoformat())
+            row.update(machine=machine, **library_versions(), date=datetime.date.today().isoformat())
             handle.write(json.dumps(row) + "\n")
+    print(f"rows appended to {path}")

@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from bench_utils import append_rows, print_table
+from bench_utils import add_output_argument, append_rows, print_table, rows_path
 from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -83,8 +83,9 @@ def main():
     parser.add_argument("--steps", type=int, default=2, help="head steps (the memory does not depend on them)")
     parser.add_argument("--quantize", choices=QUANTIZATION_SCHEMES, default=None,
                         help="count the language model's and head's linear weights as stored by this scheme")  # fmt: skip
-    parser.add_argument("--json", default=None, help="append the row as a JSON line to this file")
+    add_output_argument(parser)
     args = parser.parse_args()
+    results_path = rows_path(parser, args, "estimate_memory")
 
     start = time.perf_counter()
     with FakeTensorMode():
@@ -120,12 +121,11 @@ def main():
     )
     print(f"weights {weight_total / GIB:.2f} GiB; peak {(weight_total + peak) / GIB:.2f} GiB = "
           f"{(weight_total + peak) / 1e9:.2f} GB")  # fmt: skip
-    if args.json:
-        row = dict(estimate="fake tensors", config=args.config, height=args.height, width=args.width, batch=args.batch,
-                   guidance=args.guidance, dtype=args.dtype, quantize=args.quantize, weights_gib=weight_total / GIB,
-                   beyond_weights_gib={phase: size / GIB for phase, size in counter.peaks.items()},
-                   peak_gib=(weight_total + peak) / GIB)  # fmt: skip
-        append_rows(args.json, [row], torch.device("cpu"))
+    row = dict(estimate="fake tensors", config=args.config, height=args.height, width=args.width, batch=args.batch,
+               guidance=args.guidance, dtype=args.dtype, quantize=args.quantize, weights_gib=weight_total / GIB,
+               beyond_weights_gib={phase: size / GIB for phase, size in counter.peaks.items()},
+               peak_gib=(weight_total + peak) / GIB)  # fmt: skip
+    append_rows(results_path, [row], torch.device("cpu"))
 
 
 if __name__ == "__main__":

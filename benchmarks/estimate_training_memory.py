@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from bench_utils import T2I_CONFIGS, append_rows, print_table
+from bench_utils import T2I_CONFIGS, add_output_argument, append_rows, print_table, rows_path
 from fake_generation import PROMPT
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -156,8 +156,9 @@ def main():
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="LoRA: recompute the layers in the backward pass (full fine-tuning always checkpoints, as "
                              "the shipped FSDP config)")  # fmt: skip
-    parser.add_argument("--json", default=None, help="append the row as a JSON line to this file")
+    add_output_argument(parser)
     args = parser.parse_args()
+    results_path = rows_path(parser, args, "estimate_training_memory")
     lora = args.lora_rank is not None
     if lora and args.num_gpus != 1:
         parser.error("LoRA trains data-parallel: estimate one GPU (--num_gpus 1).")
@@ -231,14 +232,12 @@ def main():
     print_table(f"{args.config} {args.height}x{args.width} batch {args.batch} per GPU, {setting}: peak of a training "
                 f"step per GPU, counted on fake tensors in {seconds:.0f} s", ["memory", "GiB"], rows)  # fmt: skip
     print(f"peak {counts['Total'] / GIB:.2f} GiB = {counts['Total'] / 1e9:.2f} GB per GPU")
-    if args.json:
-        row = dict(estimate="fake tensors, training step", config=args.config, height=args.height, width=args.width,
-                   batch=args.batch, num_gpus=args.num_gpus, use_ema=args.use_ema, lora_rank=args.lora_rank,
-                   quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing or not lora,
-                   peak_gib=counts["Total"] / GIB,
-                   by_kind_gib={kind.value: count / GIB for kind, count in counts.items()
-                                if kind != "Total"})  # fmt: skip
-        append_rows(args.json, [row], torch.device("cpu"))
+    row = dict(estimate="fake tensors, training step", config=args.config, height=args.height, width=args.width,
+               batch=args.batch, num_gpus=args.num_gpus, use_ema=args.use_ema, lora_rank=args.lora_rank,
+               quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing or not lora,
+               peak_gib=counts["Total"] / GIB,
+               by_kind_gib={kind.value: count / GIB for kind, count in counts.items() if kind != "Total"})  # fmt: skip
+    append_rows(results_path, [row], torch.device("cpu"))
 
 
 if __name__ == "__main__":

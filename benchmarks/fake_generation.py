@@ -1,13 +1,15 @@
 """A text-to-image generation on fake tensors (shapes and dtypes only: no memory, no compute, no GPU) at any config.
 
-The set-up `estimate_memory.py`, `count_traffic.py` and `profile_gemms.py` share: their options, the random pipeline
-built under the caller's `FakeTensorMode`, the generation they watch, and the hooks that tell its head calls and
-block steps apart. Values are never read under fake tensors, so building the pipeline here also bypasses the two
-value lookups of a generation (the scheduler's step lookup and the decoder's ±1 check) for the rest of the process.
+The set-up `estimate_memory.py`, `profiling/count_traffic.py` and `profiling/profile_gemms.py` share: their options,
+the random pipeline built under the caller's `FakeTensorMode`, the generation they watch, and the hooks that tell its
+head calls and block steps apart. Values are never read under fake tensors, so building the pipeline here also
+bypasses the two value lookups of a generation (the scheduler's step lookup and the decoder's ±1 check) for the rest
+of the process, and the generation takes every prompt token's mask as set (`AllTokensMask`).
 """
 
 import torch
 from bench_utils import DTYPES, T2I_CONFIGS
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bitdance_diffusers import BinaryFlowScheduler, BitDanceTokenizer
 from bitdance_diffusers.random_pipeline import build_random_pipeline
@@ -39,10 +41,28 @@ def build_fake_pipeline(args):
     return pipe, [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
 
 
+class AllTokensMask(TorchDispatchMode):
+    """Indexing with a boolean mask, whose result's size depends on the mask's values, taken with the whole mask set.
+
+    The pipeline selects each prompt's tokens from its left-padded row with the row's mask; a fake generation's prompts
+    are all the same (and the unconditional ones too), so no row has padding and the whole row is selected.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            source, indices = args
+            if len(indices) != 1 or tuple(indices[0].shape) != tuple(source.shape[: indices[0].dim()]):
+                raise NotImplementedError(f"boolean indexing of {tuple(source.shape)} by {len(indices)} indices")
+            return source.reshape(-1, *source.shape[indices[0].dim() :]).clone()
+        return func(*args, **(kwargs or {}))
+
+
 def generate(pipe, args, num_inference_steps: int, output_type: str):
     """One generation of ``args.batch`` images of the prompt at the size and guidance of ``args``."""
-    return pipe([PROMPT] * args.batch, height=args.height, width=args.width, num_inference_steps=num_inference_steps,
-                guidance_scale=args.guidance, output_type=output_type)  # fmt: skip
+    with AllTokensMask():
+        return pipe([PROMPT] * args.batch, height=args.height, width=args.width,
+                    num_inference_steps=num_inference_steps, guidance_scale=args.guidance,
+                    output_type=output_type)  # fmt: skip
 
 
 def watch_calls(pipe, enter, leave):

@@ -2,13 +2,16 @@
 
     python benchmarks/gpu_offload_check.py [--config small] [--height 256 --width 256] [--modes model_cpu_offload,...]
 
-The resident run always comes first (its codes are the reference); ``--modes`` picks the offload modes after it.
+The resident run always comes first (its codes are the reference); ``--modes`` picks the offload modes after it. Each
+mode runs twice and keeps the second run. The rows are appended to ``OUTPUT_DIR/gpu_offload_check.jsonl``; the script
+exits with an error if a mode's codes differ from the resident run's.
 """
 
 import argparse
 import time
 
 import torch
+from bench_utils import add_output_argument, append_rows, rows_path
 from diffusers.hooks import apply_group_offloading
 
 from bitdance_diffusers.random_pipeline import build_random_pipeline
@@ -34,10 +37,14 @@ def main():
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    add_output_argument(parser)
     args = parser.parse_args()
     modes = args.modes.split(",")
     if set(modes) - set(MODES):
         parser.error(f"unknown modes {sorted(set(modes) - set(MODES))}; choose from {', '.join(MODES)}")
+    if not torch.cuda.is_available():
+        parser.error("this check needs a CUDA GPU (torch.cuda.is_available() is False)")
+    results_path = rows_path(parser, args, "gpu_offload_check")
 
     def fresh():
         pipe = build_random_pipeline(args.config, block_size=64, image_sizes=[[args.height, args.width]],
@@ -74,6 +81,10 @@ def main():
     print(f"{'mode':32s} {'same codes':10s} {'seconds':>8s} {'peak GiB':>9s}")
     for mode, same, seconds, peak in rows:
         print(f"{mode:32s} {str(same):10s} {seconds:8.3f} {peak:9.3f}")
+    setting = dict(config=args.config, dtype="bf16", height=args.height, width=args.width, steps=args.steps)
+    append_rows(results_path, [dict(mode=mode, same_codes=same, seconds=seconds, peak_gib=peak, **setting)
+                               for mode, same, seconds, peak in rows], torch.device("cuda"))  # fmt: skip
+    raise SystemExit(0 if all(same for _, same, _, _ in rows) else 1)
 
 
 if __name__ == "__main__":

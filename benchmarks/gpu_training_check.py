@@ -1,7 +1,7 @@
 """Training on a CUDA GPU: the measured peak of a LoRA step on a bitsandbytes nf4 base at 14B shapes, against the
 fake-tensor estimate, and the shipped FSDP2 config on the GPUs there are.
 
-    python benchmarks/gpu_training_check.py [--skip_14b] [--json rows.jsonl]
+    python benchmarks/gpu_training_check.py [--skip_14b] [--output_dir bench-out]
 
 1. BitDance-14B-64x shapes with random weights (bf16, built on the GPU), language model and head quantized to nf4,
    rank-64 LoRA adapters (float32), gradient checkpointing, bf16 autocast, one 1024x1024 image per step (codes given,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_utils import append_rows
+from bench_utils import add_output_argument, append_rows, rows_path
 from PIL import Image
 
 from bitdance_diffusers import quantize_model_
@@ -83,10 +83,11 @@ def fsdp_example_runs() -> bool:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip_14b", action="store_true", help="only the FSDP example")
-    parser.add_argument("--json", default=None)
+    add_output_argument(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        parser.error("this check needs a CUDA GPU")
+        parser.error("this check needs a CUDA GPU (torch.cuda.is_available() is False)")
+    results_path = rows_path(parser, args, "gpu_training_check")
     row = {"benchmark": "gpu_training_check", "gpus": torch.cuda.device_count()}
     if not args.skip_14b:
         row["lora_rank64_nf4_checkpointing_peak_gib"] = lora_nf4_peak()
@@ -94,8 +95,7 @@ def main():
               f"{row['lora_rank64_nf4_checkpointing_peak_gib']:.2f} GiB allocated")  # fmt: skip
     row["fsdp_example_ok"] = fsdp_example_runs()
     print(f"FSDP2 example over {row['gpus']} GPU(s): {'ok' if row['fsdp_example_ok'] else 'FAILED'}")
-    if args.json:
-        append_rows(args.json, [row], torch.device("cuda"))
+    append_rows(results_path, [row], torch.device("cuda"))
     return 0 if row["fsdp_example_ok"] else 1
 
 

@@ -430,9 +430,9 @@ def test_demo_subcommand_runs_the_demo_module(monkeypatch, capsys):
     assert "demo" in cli.build_parser().format_help()
 
 
-def test_the_import_time_benchmark_prints_its_table():
+def test_the_import_time_benchmark_prints_its_table(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_import_time.py"), "--repeats", "1",
-                             "--commands", "python (empty),bitdance --help"], capture_output=True, text=True,
-                            check=True, cwd=REPO / "benchmarks")  # fmt: skip
+                             "--commands", "python (empty),bitdance --help", "--output_dir", str(tmp_path)],
+                            capture_output=True, text=True, check=True, cwd=REPO / "benchmarks")  # fmt: skip
     rows = {line.split("  ")[0]: line.split() for line in result.stdout.splitlines()}
     assert rows["bitdance --help"][-1] == "none" and "python (empty)" in rows

@@ -198,20 +198,18 @@ def test_variants_save_load_and_missing_variant(case, saved, tmp_path):
         case.pipeline_class.from_pretrained(folder, variant="fp16")
 
 
-@pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated:FutureWarning")
-@pytest.mark.parametrize("argument", ["dtype", "torch_dtype"])  # diffusers 0.42 spells it dtype, torch_dtype deprecated
-def test_dtype_dicts(case, saved, argument):
+def test_dtype_dicts(case, saved):
     folder, _ = saved[case.name]
     first = next(iter(case.build().components))  # diffusers' check: the first component, then the default
     for dtype_dict in ({first: torch.bfloat16, "default": torch.float16},
                        {case.backbone: torch.bfloat16, "default": torch.float32},  # the README's mixed precision
                        {"default": torch.bfloat16},
                        {case.backbone: torch.bfloat16}):  # fmt: skip
-        pipe = loaded(case, folder, **{argument: dtype_dict})
+        pipe = loaded(case, folder, dtype=dtype_dict)
         expected = {name: dtype_dict.get(name, dtype_dict.get("default", torch.float32)) for name in case.models}
         assert dtypes(pipe) == expected, dtype_dict
     # The mixed-precision pipeline runs: bfloat16 backbone, float32 head, ±1 codes.
-    pipe = loaded(case, folder, **{argument: {case.backbone: torch.bfloat16, "default": torch.float32}})
+    pipe = loaded(case, folder, dtype={case.backbone: torch.bfloat16, "default": torch.float32})
     codes = run(pipe, case, output_type="latent")
     assert set(codes.unique().tolist()) == {-1.0, 1.0}
 

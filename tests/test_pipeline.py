@@ -209,7 +209,7 @@ def test_save_load_round_trip_and_diffusion_pipeline_resolution(tiny_pipe, tmp_p
     assert loaded.config.block_size == 16 and [128, 128] in loaded.config.image_sizes
     loaded.set_progress_bar_config(disable=True)
     assert torch.equal(run(loaded, generator=generator(3)), reference)
-    again = BitDancePipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    again = BitDancePipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert again.diffusion_head.dtype == torch.bfloat16 and again.language_model.dtype == torch.bfloat16
 
 

@@ -219,9 +219,9 @@ def test_fsdp2_over_two_cpu_processes_matches_one_process_and_resumes_exactly(tm
                                      ["--lora_rank", "4", "--quantize", "nf4", "--gradient_checkpointing"]],
                          ids=["fsdp", "lora-nf4"])  # fmt: skip
 def test_training_memory_estimate_prints_its_table(tmp_path, setting):
-    rows = tmp_path / "rows.jsonl"
+    rows = tmp_path / "estimate_training_memory.jsonl"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "estimate_training_memory.py"), "--config",
-                             "tiny", "--height", "64", "--width", "64", *setting, "--json", str(rows)],
+                             "tiny", "--height", "64", "--width", "64", *setting, "--output_dir", str(tmp_path)],
                             capture_output=True, text=True, cwd=REPO / "benchmarks")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(rows.read_text())

@@ -39,16 +39,19 @@ def test_hub_id_loads_offline_from_the_cache(saved_tiny, tmp_path):
     assert result.stdout.split() == ["BitDancePipeline", "16"]
 
 
-@pytest.mark.parametrize("argument", ["dtype", "torch_dtype"])  # diffusers 0.42 prefers dtype, deprecates torch_dtype
-def test_dtype_single_and_per_component(saved_tiny, argument):
-    pipe = BitDancePipeline.from_pretrained(saved_tiny, **{argument: torch.bfloat16})
+def test_dtype_single_and_per_component(saved_tiny):
+    pipe = BitDancePipeline.from_pretrained(saved_tiny, dtype=torch.bfloat16)
     assert {pipe.language_model.dtype, pipe.diffusion_head.dtype, pipe.vae.dtype} == {torch.bfloat16}
-    pipe = BitDancePipeline.from_pretrained(
-        saved_tiny, **{argument: {"language_model": torch.bfloat16, "default": torch.float32}}
-    )
+    pipe = BitDancePipeline.from_pretrained(saved_tiny, dtype={"language_model": torch.bfloat16, "default": torch.float32})
     assert pipe.language_model.dtype == torch.bfloat16 and pipe.diffusion_head.dtype == torch.float32
     pipe.set_progress_bar_config(disable=True)
     assert codes(pipe).abs().eq(1).all()
+
+
+def test_torch_dtype_still_works_as_diffusers_deprecated_alias_of_dtype(saved_tiny):
+    with pytest.warns(FutureWarning, match="torch_dtype"):
+        pipe = BitDancePipeline.from_pretrained(saved_tiny, torch_dtype=torch.bfloat16)
+    assert {pipe.language_model.dtype, pipe.diffusion_head.dtype, pipe.vae.dtype} == {torch.bfloat16}
 
 
 def test_variant_and_low_cpu_mem_usage_round_trip(saved_tiny, tmp_path):

@@ -1,6 +1,6 @@
 """Memory traffic of one language-model block step and one head call, counted on fake tensors: no GPU needed.
 
-    python benchmarks/count_traffic.py --config 14b-64x --height 1024 --width 1024
+    python benchmarks/profiling/count_traffic.py --config 14b-64x --height 1024 --width 1024
 
 At batch 1 a BitDance generation is bound by memory bandwidth: every head call and every language-model block step
 streams its weights once. This script says what else each of them moves. The pipeline runs under `FakeTensorMode`
@@ -12,19 +12,23 @@ fusion (so the figures bound what a fusing compiler would move), with CPU kernel
 The table gives the number of ops (each a kernel launch in eager PyTorch) and bytes per call (averaged over the
 language-model steps of the whole image: the cache grows) and the time they take at ``--bandwidth`` (default
 2.98 TB/s: the copy bandwidth measured on the H100, see RESULTS.md); the op table lists where the non-weight bytes go.
-Set-up: `fake_generation.py`.
+Set-up: `fake_generation.py`. The per-part rows are appended to ``OUTPUT_DIR/count_traffic.jsonl``.
 """
 
 import argparse
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
-from bench_utils import print_table
-from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate, watch_calls
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_utils and fake_generation, one folder up
+from bench_utils import add_output_argument, append_rows, print_table, rows_path  # noqa: E402
+from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate, watch_calls  # noqa: E402
 
 
 GB = 1e9
@@ -81,7 +85,9 @@ def main():
     add_fake_generation_arguments(parser)
     parser.add_argument("--bandwidth", type=float, default=2.98, help="TB/s for the time column")
     parser.add_argument("--top", type=int, default=8, help="ops listed per part, by non-weight bytes")
+    add_output_argument(parser)
     args = parser.parse_args()
+    results_path = rows_path(parser, args, "count_traffic")
 
     start = time.perf_counter()
     with FakeTensorMode():
@@ -98,13 +104,15 @@ def main():
             generate(pipe, args, num_inference_steps=1, output_type="latent")
 
     seconds_per_byte = 1 / (args.bandwidth * 1e12)
-    summary, details = [], []
+    summary, details, records = [], [], []
     for phase, ops in counter.bytes.items():
         calls = counter.calls[phase]
         weights, read, written, num_ops = (sum(row[i] for row in ops.values()) / calls for i in range(4))
         summary.append([phase, calls, f"{num_ops:.0f}", f"{weights / GB:.3f}", f"{read / GB:.3f}", f"{written / GB:.3f}",
                         f"{weights * seconds_per_byte * 1e3:.2f}", f"{(read + written) * seconds_per_byte * 1e3:.2f}",
                         f"{(weights + read + written) / weights:.2f}"])  # fmt: skip
+        records.append({"part": phase, "calls": calls, "ops_per_call": num_ops, "weights_gb": weights / GB,
+                        "other_read_gb": read / GB, "written_gb": written / GB})  # fmt: skip
         ranked = sorted(ops.items(), key=lambda item: -(item[1][1] + item[1][2]))[: args.top]
         details += [[phase, op, f"{n / calls:.0f}", f"{(r + w) / calls / GB:.4f}",
                      f"{(r + w) * seconds_per_byte / calls * 1e3:.3f}"] for op, (_, r, w, n) in ranked]  # fmt: skip
@@ -113,6 +121,10 @@ def main():
     print_table(title, ["part", "calls", "ops", "weights GB", "other read GB", "written GB", "weights ms", "other ms",
                         "all / weights"], summary)  # fmt: skip
     print_table("where the non-weight bytes go (per call)", ["part", "op", "ops", "GB", "ms"], details)
+    for record in records:
+        record.update(config=args.config, height=args.height, width=args.width, batch=args.batch,
+                      guidance=args.guidance, dtype=args.dtype)  # fmt: skip
+    append_rows(results_path, records, torch.device("cpu"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Where the device time of a head call and a language-model block step goes, kernel by kernel (torch.profiler).
 
-    python benchmarks/profile_kernels.py --device cuda --config 14b-64x --dtype bf16 --height 1024 --width 1024
+    python benchmarks/profiling/profile_kernels.py --device cuda --config 14b-64x --dtype bf16 --height 1024 \
+        --width 1024
 
 Runs one generation eagerly and profiles its blocks 1 to ``--blocks`` (after a warm-up generation): every head call
 and every block step is a profiler range, so each kernel counts for the call that launched it. Kernel durations are
@@ -10,18 +11,33 @@ took (on CUDA: the time to launch its kernels, which bounds an eager step when i
 kernels that take the most device time. The generation stops after the profiled blocks.
 
 Off CUDA the ranges hold CPU ops instead of kernels, each counted with its own (self) CPU time; the test suite runs a
-tiny config so. ``--compile`` profiles the inductor-compiled head and language model (their fused kernels).
+tiny config so. ``--compile`` profiles the inductor-compiled head and language model (their fused kernels). The
+per-part rows are appended to ``OUTPUT_DIR/profile_kernels.jsonl``.
 """
 
 import argparse
 import re
+import sys
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
-from bench_utils import DTYPES, T2I_CONFIGS, add_t2i_run_arguments, print_table, synchronize
 
 from bitdance_diffusers.random_pipeline import build_random_pipeline
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_utils, one folder up
+from bench_utils import (  # noqa: E402
+    DTYPES,
+    T2I_CONFIGS,
+    add_output_argument,
+    add_t2i_run_arguments,
+    append_rows,
+    print_table,
+    rows_path,
+    synchronize,
+)
 
 
 PARTS = ("head call", "language-model block step")
@@ -73,7 +89,9 @@ def main():
     parser.add_argument("--blocks", type=int, default=2, help="blocks profiled (from the second one)")
     parser.add_argument("--compile", choices=["none", "default", "max-autotune-no-cudagraphs"], default="none")
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
+    add_output_argument(parser)
     args = parser.parse_args()
+    results_path = rows_path(parser, args, "profile_kernels")
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
@@ -107,7 +125,7 @@ def main():
         pipe(prompt, **{**options, "num_inference_steps": 1})  # warm-up: kernels, handles, compilation
         pipe(prompt, **options, callback_on_step_end=profile_blocks)
 
-    rows, kernels = [], defaultdict(lambda: [0, 0.0])
+    rows, records, kernels = [], [], defaultdict(lambda: [0, 0.0])
     events = profiler.events()
     for part in PARTS:
         ranges = [event for event in events if event.name == part]
@@ -120,9 +138,12 @@ def main():
                 count += 1
         calls = len(ranges)
         wall = sum(event.cpu_time_total for event in ranges)
-        rows.append([part, calls, f"{count / calls:.0f}", f"{sum(totals.values()) / calls / 1e3:.3f}",
-                     *[f"{totals[kind] / calls / 1e3:.3f}" for kind in ("matmul", "attention", "other")],
-                     f"{wall / calls / 1e3:.3f}"])  # fmt: skip
+        milliseconds = {kind: totals[kind] / calls / 1e3 for kind in ("matmul", "attention", "other")}
+        records.append({"part": part, "calls": calls, "work_items_per_call": count / calls,
+                        **{f"{kind}_ms_per_call": ms for kind, ms in milliseconds.items()},
+                        "range_cpu_ms_per_call": wall / calls / 1e3})  # fmt: skip
+        rows.append([part, calls, f"{count / calls:.0f}", f"{sum(milliseconds.values()):.3f}",
+                     *[f"{ms:.3f}" for ms in milliseconds.values()], f"{wall / calls / 1e3:.3f}"])  # fmt: skip
     unit, time_unit = ("kernels", "kernel ms") if on_cuda else ("CPU ops", "self CPU ms")
     print_table(f"{args.config} {args.height}x{args.width} steps={args.steps} cfg={args.guidance} batch={args.batch} "
                 f"{args.dtype} on {device.type}{'' if args.compile == 'none' else ' compiled (' + args.compile + ')'}: "
@@ -133,6 +154,10 @@ def main():
     print_table(f"the {args.top} {unit} with the most time (per call of their part)", ["part", "name", "count",
                 "ms", "category"], [[part, name[:90], f"{n / calls[part]:.1f}", f"{t / calls[part] / 1e3:.4f}",
                 category(name)] for (part, name), (n, t) in ranked])  # fmt: skip
+    for record in records:
+        record.update(config=args.config, height=args.height, width=args.width, steps=args.steps,
+                      guidance=args.guidance, batch=args.batch, dtype=args.dtype, compile=args.compile)  # fmt: skip
+    append_rows(results_path, records, device)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The matrix products of one head call and one language-model block step, timed one by one against their floor.
 
-    python benchmarks/profile_gemms.py --device cuda --config 14b-64x --height 1024 --width 1024 [--autotune]
+    python benchmarks/profiling/profile_gemms.py --device cuda --config 14b-64x --height 1024 --width 1024 [--autotune]
 
 At batch 1 every head call and every block step streams its weights once, so each product should run at the copy
 bandwidth. This script says which ones do. The shapes come from the pipeline itself: a generation on fake tensors
@@ -23,22 +23,33 @@ copies of the weight that together exceed the L2 cache, median of the replays. O
 (the test suite runs a tiny config so). Per shape the table gives microseconds per product, the floor (the bytes of
 weight, input and output over the copy bandwidth measured in the same run, or ``--bandwidth``), the best variant's
 ratio to it (over the unquantized variants; a weight-only variant below 1 beats the bf16 floor) and errors against a
-float64 product; per part, the sums over a call. ``--json`` appends the rows.
+float64 product; per part, the sums over a call. The rows are appended to ``OUTPUT_DIR/profile_gemms.jsonl``.
 """
 
 import argparse
 import statistics
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from bench_utils import DTYPES, append_rows, measure_gpu_ceilings, print_table
-from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate, watch_calls
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_utils and fake_generation, one folder up
+from bench_utils import (  # noqa: E402
+    DTYPES,
+    add_output_argument,
+    append_rows,
+    measure_gpu_ceilings,
+    print_table,
+    rows_path,
+)
+from fake_generation import add_fake_generation_arguments, build_fake_pipeline, generate, watch_calls  # noqa: E402
 
 
 L2_BYTES = 50 * 2**20  # H100 / H200
@@ -222,11 +233,12 @@ def main():
     parser.add_argument("--calls", type=int, default=32, help="products per timed graph (CUDA) or loop (CPU)")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="TB/s for the floor (default: the copy bandwidth measured on CUDA; required on CPU)")
-    parser.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
+    add_output_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.bandwidth is None and device.type != "cuda":
         parser.error("--bandwidth is needed off CUDA (there is no copy bandwidth to measure it against)")
+    results_path = rows_path(parser, args, "profile_gemms")
 
     shapes = record_linear_shapes(args)
     if args.only:
@@ -262,8 +274,7 @@ def main():
                         "floor us", "best", "best / floor", "error"], rows)  # fmt: skip
     print_table("per call: products in milliseconds", ["part", "products", *[f"{n} ms" for n in variants],
                                                          "best ms", "floor ms", "best / floor"], summary)  # fmt: skip
-    if args.json:
-        append_rows(args.json, [{"run": title, "gemms": records}], device)
+    append_rows(results_path, [{"run": title, "gemms": records}], device)
 
 
 if __name__ == "__main__":
