@@ -27,18 +27,23 @@ others (docs/README.md says the same to readers):
    the module, so ``fullgraph=True`` still fails on a graph break or a recompile past the limit; no Inductor code
    generation).
 
-The blocks run on one torch thread (see `one_thread`). A block that cannot run on a CPU even so is marked on the line before it with ``<!-- docs-test: skip (reason) -->``;
-it is still compiled, and `test_skipped_blocks_are_few_and_say_why` counts and lists them. Commands meant to be typed
-(``bitdance ...``, the converters, the training and dataset scripts, under ``accelerate launch`` too) live in ```bash
-blocks; `test_documented_commands_parse` parses each with the real parser, so a documented flag cannot vanish.
+The blocks run on one torch thread (see `one_thread`). A block that cannot run on a CPU even so is marked on the line
+before it with ``<!-- docs-test: skip (reason) -->``; it is still compiled, and
+`test_skipped_blocks_are_few_and_say_why` counts and lists them. Commands meant to be typed (``bitdance ...``, the
+converters, the example scripts, also under ``accelerate launch``) live in ```bash blocks;
+`test_documented_commands_parse` runs each script until its real parser has parsed the arguments, so a documented flag
+cannot vanish.
 """
 
+import argparse
 import ast
-import importlib.util
 import io
+import logging
 import re
+import runpy
 import shlex
 import shutil
+import sys
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,7 +202,7 @@ def swap_strings(code: str, models: ModelFolders) -> str:
         elif value == "cuda" or value.startswith("cuda:"):
             replacements.append((token.start, token.end, '"cpu"'))
         elif re.search(r"BitDance-[\w.-]*", value):
-            raise AssertionError(f"The model name {value!r} has no stand-in: add it to MODEL_NAMES (tests/test_docs.py).")
+            raise AssertionError(f"The model name {value!r} has no stand-in: add it to MODEL_NAMES in test_docs.py.")
     for (start_row, start_col), (end_row, end_col), text in reversed(replacements):
         assert start_row == end_row, "a multi-line string literal naming a model"
         line = lines[start_row - 1]
@@ -217,13 +222,13 @@ def test_the_swaps():
         def path(self, name):
             return Path(f"/local/{name}")
 
-    code = """pipe = X.from_pretrained("BitDance-14B-64x-diffusers", dtype=torch.bfloat16).to("cuda")  # "cuda" kept
+    code = """pipe = X.from_pretrained("BitDance-14B-64x-diffusers", dtype=torch.float16).to("cuda")  # "cuda"
 pipe.enable_model_cpu_offload()
 image = pipe("a fox", height=1024, width=512, generator=torch.Generator('cuda:1'))
 apply_group_offloading(m, onload_device=torch.device("cuda"), use_stream=True)
 config = TrainingConfig(max_train_steps=1000); sizes = bucket_sizes(s, resolution=1024)
 """
-    expected = """pipe = X.from_pretrained('/local/BitDance-14B-64x-diffusers', dtype=torch.bfloat16).to("cpu")  # "cuda" kept
+    expected = """pipe = X.from_pretrained('/local/BitDance-14B-64x-diffusers', dtype=torch.float16).to("cpu")  # "cuda"
 pipe.enable_model_cpu_offload(device="cpu")
 image = pipe("a fox", height=128, width=128, generator=torch.Generator("cpu"))
 apply_group_offloading(m, onload_device=torch.device("cpu"), use_stream=False)
@@ -374,53 +379,44 @@ def without_launcher(words: list[str]) -> list[str]:
     return ["python", *words[script:]]
 
 
-class ParsedCommand(Exception):
-    """Raised by the stand-in of a converter function: its arguments parsed."""
+class ParsedCommand(BaseException):
+    """Raised right after a script's arguments parsed, before the script does anything with them."""
 
 
-def parse_command(words: list[str], monkeypatch) -> bool:
-    """Parse one documented command with its real parser; ``False`` for commands this test does not know."""
+def parse_command(words: list[str]) -> bool:
+    """Parse one documented command with its real parser; ``False`` for the commands this test does not run (other
+    programs, and ``benchmarks/`` scripts). A script runs as ``__main__`` until its ``parse_args`` has parsed."""
     from bitdance_diffusers.cli import build_parser
-    from bitdance_diffusers.conversion import imagenet, t2i, tokenizer
 
-    converters = {"t2i": (t2i, "convert_t2i"), "imagenet": (imagenet, "convert_imagenet"),
-                  "tokenizer": (tokenizer, "convert_tokenizer")}  # fmt: skip
     words = without_launcher(words)
-    if words[:1] == ["bitdance"] and words[1:2] == ["convert"]:
-        kind, argv = words[2], words[3:]
-    elif words[:1] == ["python"] and words[1:2] and words[1].startswith("conversion/convert_bitdance_"):
-        kind, argv = words[1].removeprefix("conversion/convert_bitdance_").removesuffix(".py"), words[2:]
-    elif words[:1] == ["bitdance"]:
-        build_parser(command=words[1]).parse_args(words[1:])
+    if words[:2] == ["bitdance", "convert"] and len(words) > 2:  # the same converter as the script
+        words = ["python", f"conversion/convert_bitdance_{words[2]}.py", *words[3:]]
+    if words[:1] == ["bitdance"]:
+        build_parser(command=words[1] if len(words) > 1 else None).parse_args(words[1:])
         return True
-    elif words[:1] == ["python"] and words[1:2] and words[1].startswith("examples/"):
-        spec = importlib.util.spec_from_file_location("documented_example", REPO / words[1])
-        module = importlib.util.module_from_spec(spec)
-        source = (REPO / words[1]).read_text()
-        if "def parse_args(" in source or "def build_parser(" in source:
-            spec.loader.exec_module(module)
-            if hasattr(module, "parse_args"):
-                module.parse_args(words[2:])
-            else:
-                module.build_parser().parse_args(words[2:])
-            return True
+    if words[:1] != ["python"] or len(words) < 2 or not words[1].startswith(("examples/", "conversion/")):
         return False
-    else:
-        return False
-    module, function = converters[kind]
-    monkeypatch.setattr(module, function, lambda *args, **kwargs: (_ for _ in ()).throw(ParsedCommand()))
-    with pytest.raises(ParsedCommand):
-        module.main(argv)
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(parser, args=None, namespace=None):
+        parse_args(parser, args, namespace)
+        raise ParsedCommand()
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(ParsedCommand):
+        patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        patch.setattr(sys, "argv", words[1:])
+        patch.setattr(logging, "basicConfig", lambda **kwargs: None)  # the converter scripts' own logging set-up
+        runpy.run_path(str(REPO / words[1]), run_name="__main__")
     return True
 
 
 @pytest.mark.parametrize("page", sorted({block.page for block in BASH_BLOCKS}))
-def test_documented_commands_parse(page, monkeypatch):
+def test_documented_commands_parse(page):
     parsed = 0
     for block in (block for block in BASH_BLOCKS if block.page == page):
         for words in commands(block.code):
             try:
-                parsed += parse_command(words, monkeypatch)
+                parsed += parse_command(words)
             except SystemExit as exit:  # argparse's answer to an unknown or malformed flag
                 raise AssertionError(f"{block.id}: `{shlex.join(words)}` does not parse (exit {exit.code})") from None
     if page in ("README.md", "docs/training.md", "docs/conversion.md", "docs/cli-and-demo.md"):
@@ -437,8 +433,8 @@ def test_documented_commands_parse(page, monkeypatch):
     ],
     ids=["bitdance", "converter", "training-example"],
 )  # fmt: skip
-def test_a_command_with_a_wrong_flag_does_not_parse(words, monkeypatch, capsys):
+def test_a_command_with_a_wrong_flag_does_not_parse(words, capsys):
     with pytest.raises(SystemExit):
-        parse_command(words, monkeypatch)
+        parse_command(words)
     error = capsys.readouterr().err
     assert "unrecognized arguments" in error or "required: --dump_path" in error, error
