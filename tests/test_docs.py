@@ -438,3 +438,28 @@ def test_a_command_with_a_wrong_flag_does_not_parse(words, capsys):
         parse_command(words)
     error = capsys.readouterr().err
     assert "unrecognized arguments" in error or "required: --dump_path" in error, error
+
+
+# Links --------------------------------------------------------------------------------------------------------------
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors of a Markdown page as GitHub makes them from its headings, and its ``<a id="...">`` tags."""
+    text = re.sub(r"^(```|~~~).*?^\1", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    found = set(re.findall(r'<a id="([^"]+)">', text))
+    for heading in re.findall(r"^#+ (.+)$", text, flags=re.M):
+        found.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda path: path.relative_to(REPO).as_posix())
+def test_relative_links_resolve(page):
+    text = re.sub(r"^(```|~~~).*?^\1", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # https://, mailto:
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: the link {target} points to nothing"
+        if anchor:
+            assert anchor in anchors(linked), f"{page.name}: {linked.name} has no heading for #{anchor}"
