@@ -17,7 +17,20 @@ FIXTURE_IMAGE_SIZES_P64 = "128x128,128x256,256x128,256x256"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: longer tests (run in CI, deselect with -m 'not slow')")
+    config.addinivalue_line(
+        "markers", "slow: longer tests (browser, SIGKILL, multi-process, full scripts): run with -m slow (CI runs both)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without a ``-m`` expression the slow tests are left out: ``python -m pytest tests -q`` is the quick suite and
+    ``python -m pytest tests -q -m slow`` the rest (CI runs both, as the README says)."""
+    if config.option.markexpr:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

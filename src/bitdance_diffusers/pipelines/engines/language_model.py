@@ -167,7 +167,7 @@ class LanguageModelBlockEngine(BlockEngine):
         return hidden.float() + self._positions[:block_size]
 
     def _graphed_forward(self):
-        """`_forward` replayed from a CUDA graph bound to this session's static cache."""
+        """`_forward` replayed from a CUDA graph bound to the current generation's static cache."""
         if self._step_runner is None:
             fill_counters = [layer.cumulative_length for layer in getattr(self._cache, "layers", [])]
             if not fill_counters or not all(isinstance(counter, torch.Tensor) for counter in fill_counters):
