@@ -281,6 +281,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def forget_compiled_code():
+    """The blocks' compiled code does not outlive the module (Dynamo counts recompilations per code object)."""
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def cpu_stand_ins(monkeypatch, eager_graphs):
     """Rule 5 of the module docstring, for one test."""
