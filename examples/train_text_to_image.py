@@ -37,6 +37,7 @@ from bitdance_diffusers.training.trainer import model_from_config
 from bitdance_diffusers.training.arguments import (
     USER_ERRORS,
     add_data_arguments,
+    add_text_to_image_arguments,
     add_training_arguments,
     check_output_dir,
     load_training_images,
@@ -61,12 +62,7 @@ def parse_args(argv=None):
                              "(without FSDP; the FSDP config checkpoints activations itself)")  # fmt: skip
     parser.add_argument("--use_ema", action="store_true", help="keep an EMA of the weights (output_dir/final-ema)")
     parser.add_argument("--ema_decay", type=float, default=0.9999)
-    parser.add_argument("--text_dropout", type=float, default=0.1, help="probability of training a prompt-free row")
-    parser.add_argument("--bit_flip_max", type=float, default=0.1, help="input bits flip with probability U x this")
-    parser.add_argument("--validation_prompts", nargs="*", default=[])
-    parser.add_argument("--validation_steps", type=int, default=500)
-    parser.add_argument("--validation_inference_steps", type=int, default=50)
-    parser.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    add_text_to_image_arguments(parser)
     return parser, parser.parse_args(argv)
 
 

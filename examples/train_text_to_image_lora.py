@@ -27,6 +27,7 @@ from bitdance_diffusers.training import T2IObjectiveConfig, train_text_to_image
 from bitdance_diffusers.training.arguments import (
     USER_ERRORS,
     add_data_arguments,
+    add_text_to_image_arguments,
     add_training_arguments,
     check_output_dir,
     launched_processes,
@@ -53,12 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="recompute the language model's layers and the head's blocks in the backward pass: "
                              "less memory (needed for the 14B model at 1024x1024 on a 24 GB card)")  # fmt: skip
-    parser.add_argument("--text_dropout", type=float, default=0.1)
-    parser.add_argument("--bit_flip_max", type=float, default=0.1)
-    parser.add_argument("--validation_prompts", nargs="*", default=[])
-    parser.add_argument("--validation_steps", type=int, default=500)
-    parser.add_argument("--validation_inference_steps", type=int, default=50)
-    parser.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    add_text_to_image_arguments(parser)
     return parser, parser.parse_args(argv)
 
 

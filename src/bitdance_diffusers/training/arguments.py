@@ -74,6 +74,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, learning_rate: float
     group.add_argument("--tracker_project_name", default="bitdance-fine-tune")
 
 
+def add_text_to_image_arguments(parser: argparse.ArgumentParser):
+    """The text-to-image objective and the validation images, shared by the full and the LoRA training scripts."""
+    parser.add_argument("--text_dropout", type=float, default=0.1, help="probability of training a prompt-free row")
+    parser.add_argument("--bit_flip_max", type=float, default=0.1, help="input bits flip with probability U x this")
+    parser.add_argument("--validation_prompts", nargs="*", default=[])
+    parser.add_argument("--validation_steps", type=int, default=500)
+    parser.add_argument("--validation_inference_steps", type=int, default=50)
+    parser.add_argument("--validation_guidance_scale", type=float, default=7.5)
+
+
 def launched_processes() -> int:
     """The number of processes of this launch (``accelerate launch`` / ``torchrun`` set ``WORLD_SIZE``)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
